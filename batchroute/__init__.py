@@ -1,0 +1,6 @@
+"""batchroute: run large batches of LLM requests on the cheapest tier that gives acceptable answers."""
+
+from batchroute.client import AsyncClient, Client, JobFailed, JobHandle, JobResult, JobTimeout
+
+__all__ = ["AsyncClient", "Client", "JobFailed", "JobHandle", "JobResult", "JobTimeout"]
+__version__ = "0.1.0"

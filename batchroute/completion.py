@@ -1,0 +1,42 @@
+"""The one shape every provider adapter returns, whatever API it spoke.
+
+Keeping this separate from the adapters lets validators, the ledger and the
+output writer depend on a tiny, stable type instead of on httpx or a provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage as the provider reported it (what gets billed)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A normalised chat completion.
+
+    `body` is an OpenAI ``chat.completion`` object, whatever the provider spoke,
+    because that is what the output file promises users.
+    """
+
+    content: str
+    finish_reason: str
+    usage: Usage
+    model: str
+    request_id: str = ""
+    latency_s: float = 0.0
+    logprobs: list[float] | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    rate_limit: dict[str, str] = field(default_factory=dict)

