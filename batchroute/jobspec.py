@@ -1,0 +1,161 @@
+"""Parse and check one input line (OpenAI Batch API format + optional `batchroute` field).
+
+Pure: bytes in, a JobSpec or a LineProblem out. Every rejection names the field,
+so a user can fix line 48,211 of a 100k-line file without guessing; the caller
+keeps going with the other lines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchroute.config import Config
+from batchroute.validators import (
+    ValidatorError,
+    validate_specs,
+    validators_for_response_format,
+)
+
+SUPPORTED_URLS = ("/v1/chat/completions", "/chat/completions")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class LineProblem(ValueError):
+    """A line that cannot become a job; str() is the reason shown to the user."""
+
+    def __init__(self, reason: str, custom_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.custom_id = custom_id
+
+
+@dataclass
+class JobSpec:
+    custom_id: str
+    body: dict[str, Any]
+    task: str = "default"
+    reference_model: str | None = None  # body.model unless "auto"
+    min_tier: int | None = None
+    max_tier: int | None = None
+    pin: str | None = None
+    validators: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """What the Job row keeps of the `batchroute` field."""
+        return {"validators": self.validators, "metadata": self.metadata, "pin": self.pin,
+                "min_tier": self.min_tier, "max_tier": self.max_tier}
+
+
+def _decode(raw: bytes | str, line_no: int) -> Any:
+    if isinstance(raw, bytes):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LineProblem(f"invalid UTF-8 at byte {e.start}; save the file as UTF-8") from None
+    else:
+        text = raw.lstrip("\ufeff") if line_no == 1 else raw
+    text = text.rstrip("\r\n")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LineProblem(f"invalid JSON: {e.msg} at column {e.colno}") from None
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise LineProblem("body.messages: must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        where = f"body.messages[{i}]"
+        if not isinstance(m, dict):
+            raise LineProblem(f"{where}: must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise LineProblem(f"{where}.role: must be one of {', '.join(ROLES)}, "
+                              f"got {m.get('role')!r}")
+        content = m.get("content")
+        if not isinstance(content, (str, list)) and not (content is None and m["role"] == "assistant"):
+            raise LineProblem(f"{where}.content: must be a string or a list of content parts")
+
+
+def _opt_int(opts: dict[str, Any], key: str) -> int | None:
+    value = opts.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LineProblem(f"batchroute.{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_line(raw: bytes | str, line_no: int, config: Config) -> JobSpec:
+    """Parse one line; raise LineProblem with a reason naming the field."""
+    obj = _decode(raw, line_no)
+    if not isinstance(obj, dict):
+        raise LineProblem(f"expected a JSON object, got {type(obj).__name__}")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip():
+        raise LineProblem("custom_id: required, a non-empty string")
+    try:
+        return _parse_obj(obj, custom_id, config)
+    except LineProblem as e:
+        e.custom_id = custom_id
+        raise
+
+
+def _parse_obj(obj: dict[str, Any], custom_id: str, config: Config) -> JobSpec:
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineProblem(f"method: only POST is supported, got {method!r}")
+    url = obj.get("url", "/v1/chat/completions")
+    if url not in SUPPORTED_URLS:
+        raise LineProblem(f"url: only /v1/chat/completions is supported, got {url!r}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise LineProblem("body: required, an object (the chat-completions request)")
+    _check_messages(body.get("messages"))
+    model = body.get("model", "auto")
+    if not isinstance(model, str):
+        raise LineProblem(f"body.model: must be a string, got {model!r}")
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in body and (not isinstance(body[key], int) or isinstance(body[key], bool)
+                            or body[key] < 1):
+            raise LineProblem(f"body.{key}: must be a positive integer, got {body[key]!r}")
+
+    opts = obj.get("batchroute") or {}
+    if not isinstance(opts, dict):
+        raise LineProblem("batchroute: must be an object")
+    task = opts.get("task", "default")
+    if not isinstance(task, str) or task not in config.tasks:
+        raise LineProblem(f"batchroute.task: unknown task {task!r} "
+                          f"(known: {', '.join(sorted(config.tasks))})")
+    pin = opts.get("pin")
+    if pin is not None and (not isinstance(pin, str)
+                            or (pin not in config.models and pin not in config.providers)):
+        raise LineProblem(f"batchroute.pin: {pin!r} is neither a configured model nor provider")
+    validators = opts.get("validators", [])
+    if not isinstance(validators, list):
+        raise LineProblem("batchroute.validators: must be a list")
+    try:
+        validate_specs(validators, config.custom_validators)
+        implied = validators_for_response_format(body.get("response_format"))
+        validate_specs(implied)
+    except ValidatorError as e:
+        raise LineProblem(f"batchroute.{e}") from None
+    metadata = opts.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise LineProblem("batchroute.metadata: must be an object")
+    have = {v.get("type") for v in validators}
+    return JobSpec(
+        custom_id=custom_id,
+        body=body,
+        task=task,
+        reference_model=None if model == "auto" else model,
+        min_tier=_opt_int(opts, "min_tier"),
+        max_tier=_opt_int(opts, "max_tier"),
+        pin=pin,
+        validators=list(validators) + [v for v in implied if v["type"] not in have],
+        metadata=metadata,
+    )

@@ -1,0 +1,95 @@
+"""What to do after an attempt: succeed, retry, fail over, escalate or fail.
+
+Pure decision logic, apart from I/O: given where the job stands on its ladder
+and what the attempt produced, return one Decision. Every path is bounded so
+no job retries forever: a per-model retry limit, a per-job attempt limit, and
+a ladder that ends.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from batchroute.providers.base import ErrorKind
+
+MAX_ATTEMPTS_PER_JOB = 12
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+
+
+class Action(StrEnum):
+    SUCCEED = "succeed"
+    RETRY = "retry"  # same model, after a delay
+    FAILOVER = "failover"  # same tier, another model/provider
+    ESCALATE = "escalate"  # next tier up
+    FAIL = "fail"
+
+
+# How each provider error class is handled first. Transient classes retry the same
+# model; errors that another model may not have (filters, context) move on at once;
+# errors that no other model will fix (bad request, bad key) end the job.
+TRANSIENT = {ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED, ErrorKind.TIMEOUT,
+             ErrorKind.CONNECTION, ErrorKind.BAD_RESPONSE}
+MOVE_ON = {ErrorKind.CONTENT_FILTER, ErrorKind.CONTEXT_LENGTH}
+FATAL = {ErrorKind.INVALID_REQUEST, ErrorKind.AUTH}
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a job stands: enough to decide, nothing to fetch."""
+
+    tier_index: int
+    ladder_len: int
+    attempt_no: int
+    consecutive_errors: int  # trailing provider errors on the current model, this one included
+    has_failover: bool  # another model of this tier is available
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+    delay_s: float = 0.0
+    error_code: str | None = None
+    exclude_current: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def backoff(n: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff; the provider's Retry-After wins when it is longer."""
+    r = (rng or random).random()
+    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** max(0, n - 1))) * (0.5 + r / 2)
+    return max(delay, retry_after or 0.0)
+
+
+def _move_up(pos: Position, reason: str, code: str) -> Decision:
+    if pos.tier_index + 1 < pos.ladder_len:
+        return Decision(Action.ESCALATE, reason)
+    return Decision(Action.FAIL, f"{reason} (top tier of the ladder reached)", error_code=code)
+
+
+def after_validation(pos: Position, ok: bool, reason: str) -> Decision:
+    if ok:
+        return Decision(Action.SUCCEED)
+    if pos.attempt_no >= MAX_ATTEMPTS_PER_JOB:
+        return Decision(Action.FAIL, f"{reason} (attempt limit reached)",
+                        error_code="attempts_exhausted")
+    return _move_up(pos, reason, "validation_failed")
+
+
+def after_error(pos: Position, kind: ErrorKind, message: str,
+                retry_after: float | None = None) -> Decision:
+    reason = f"{kind.value}: {message}"
+    if kind in FATAL:
+        return Decision(Action.FAIL, reason, error_code=kind.value)
+    if pos.attempt_no >= MAX_ATTEMPTS_PER_JOB:
+        return Decision(Action.FAIL, f"{reason} (attempt limit reached)",
+                        error_code="attempts_exhausted")
+    if kind in TRANSIENT and pos.consecutive_errors <= pos.max_retries:
+        return Decision(Action.RETRY, reason, delay_s=backoff(pos.consecutive_errors, retry_after))
+    if pos.has_failover:
+        return Decision(Action.FAILOVER, reason, exclude_current=True)
+    return _move_up(pos, reason, kind.value if kind in MOVE_ON else "provider_error")
