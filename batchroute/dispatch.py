@@ -1,0 +1,98 @@
+"""Getting a (job id, attempt number) to a worker: over Celery, or inside this process.
+
+Both dispatchers run the same `pipeline.process_job`, which is what lets the
+embedded `batchroute run` behave exactly like the distributed deployment.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import structlog
+
+from batchroute.broker import TASK_NAME, make_celery
+
+log = structlog.get_logger("batchroute.dispatch")
+
+
+class Dispatcher(Protocol):
+    def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None: ...
+
+    def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None: ...
+
+
+class CeleryDispatcher:
+    """Publishes ids only: Flower shows task arguments, so bodies and secrets never go there."""
+
+    def __init__(self, app: object | None = None) -> None:
+        from celery import Celery
+
+        self.app: Celery = app if isinstance(app, Celery) else make_celery("batchroute-client")
+
+    def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
+        self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
+                           countdown=delay_s or None)
+
+    def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
+        # One connection for the whole chunk instead of one per message.
+        with self.app.producer_or_acquire() as producer:
+            for job_id, attempt_no, queue in items:
+                self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
+                                   producer=producer)
+
+
+class LocalDispatcher:
+    """An in-process broker + worker: a thread pool that runs jobs as they are enqueued."""
+
+    def __init__(self, handler: Callable[[str, int], object] | None = None,
+                 concurrency: int = 16) -> None:
+        self.handler = handler
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="br-worker")
+        self._pending = 0
+        self._cond = threading.Condition()
+        self.errors: list[BaseException] = []
+
+    def _run(self, job_id: str, attempt_no: int, delay_s: float) -> None:
+        try:
+            if delay_s:
+                time.sleep(delay_s)
+            assert self.handler is not None, "LocalDispatcher.handler is not set"
+            self.handler(job_id, attempt_no)
+        except BaseException as e:  # a bug must not hang join(): record it and go on
+            log.exception("job_crashed", job_id=job_id, attempt=attempt_no)
+            self.errors.append(e)
+        finally:
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
+        with self._cond:
+            self._pending += 1
+        self._pool.submit(self._run, job_id, attempt_no, delay_s)
+
+    def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
+        for job_id, attempt_no, queue in items:
+            self.enqueue(job_id, attempt_no, queue)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job is queued or running (escalations included)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

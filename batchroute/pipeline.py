@@ -1,0 +1,158 @@
+"""One attempt of one job, top to bottom: claim, call, record, validate, decide, move on.
+
+This is the task body both the Celery worker and the embedded runner execute.
+The order matters for the guarantees: the Attempt is recorded (once, keyed by
+attempt number) before the job moves on, and the job moves on with a guarded
+UPDATE before the next message is published, so a crash anywhere leaves the
+SQL store telling the truth.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+
+from batchroute import policy, pricing
+from batchroute.completion import Completion
+from batchroute.config import ModelConfig
+from batchroute.policy import Action, Decision, Position
+from batchroute.providers import ProviderError, call
+from batchroute.router import pick_model
+from batchroute.runtime import Runtime
+from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job
+from batchroute.validators import build_validators, failure_reason, passed, run_validators
+
+log = structlog.get_logger("batchroute.pipeline")
+
+
+def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
+    """Run attempt `attempt_no` of a job; returns what happened (for logs and tests)."""
+    job = rt.store.claim(job_id, attempt_no)
+    if job is None:
+        log.debug("duplicate_or_stale_message", job_id=job_id, attempt=attempt_no)
+        return "skipped"
+    jlog = log.bind(batch_id=job.batch_id, job_id=job.id, custom_id=job.custom_id,
+                    attempt=attempt_no, tier=job.tier, model=job.model)
+    model = rt.config.models.get(job.model)
+    if model is None:
+        return _finish_failed(rt, job, "unknown_model",
+                              f"model {job.model!r} is not in the routing config any more")
+    provider = rt.config.provider_of(model)
+    completion: Completion | None = None
+    error: ProviderError | None = None
+    try:
+        completion = call(rt.client, provider, rt.base_url(provider), model.api_model, job.body)
+    except ProviderError as e:
+        error = e
+
+    attempt = _attempt_row(job, model, attempt_no, completion, error)
+    if completion is not None:
+        verdicts = run_validators(_validators(rt, job), completion)
+        ok = passed(verdicts)
+        attempt.outcome = "ok" if ok else "invalid"
+        attempt.reason = "" if ok else failure_reason(verdicts)
+        decision = policy.after_validation(_position(rt, job, model), ok, attempt.reason)
+    else:
+        assert error is not None
+        verdicts = []
+        decision = policy.after_error(_position(rt, job, model, error=True), error.kind,
+                                      error.message, error.retry_after)
+    rt.store.record_attempt(attempt)
+    jlog.info("attempt", outcome=attempt.outcome, action=decision.action.value,
+              cost_usd=attempt.cost_usd, latency_ms=round(attempt.latency_ms, 1),
+              reason=attempt.reason or None)
+    return _apply(rt, job, model, decision, completion, verdicts)
+
+
+def _validators(rt: Runtime, job: Job) -> list[Any]:
+    specs = list(rt.config.task(job.task).validators) + list(job.options.get("validators", []))
+    # The same spec named by the profile and by the job runs once.
+    unique = {json.dumps(s, sort_keys=True): s for s in specs}
+    return build_validators(list(unique.values()), rt.config.custom_validators)
+
+
+def _attempt_row(job: Job, model: ModelConfig, attempt_no: int, completion: Completion | None,
+                 error: ProviderError | None) -> Attempt:
+    row = Attempt(job_id=job.id, batch_id=job.batch_id, attempt_no=attempt_no, task=job.task,
+                  tier=model.tier, provider=model.provider, model=model.name)
+    if completion is not None:
+        row.prompt_tokens = completion.usage.prompt_tokens
+        row.completion_tokens = completion.usage.completion_tokens
+        row.cached_tokens = completion.usage.cached_tokens
+        row.cost_usd = pricing.model_cost(model, completion.usage)
+        row.latency_ms = completion.latency_s * 1000
+        row.request_id = completion.request_id
+    elif error is not None:
+        row.outcome = "error"
+        row.error_kind = error.kind.value
+        row.reason = error.message[:500]
+    return row
+
+
+def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) -> Position:
+    consecutive = 1 if error else 0
+    if error:
+        for a in reversed(rt.store.job_attempts(job.id)):
+            if a.outcome != "error" or a.model != model.name:
+                break
+            consecutive += 1
+    exclude = set(job.options.get("exclude", [])) | {model.name}
+    failover = pick_model(rt.config, job.tier, job.options.get("pin"), exclude) is not None
+    return Position(tier_index=job.tier_index, ladder_len=len(job.ladder), attempt_no=job.attempt_no,
+                    consecutive_errors=consecutive, has_failover=failover,
+                    max_retries=rt.config.provider_of(model).max_retries)
+
+
+def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
+           completion: Completion | None, verdicts: list[Any]) -> str:
+    verdict_rows = [{"validator": v.validator, "ok": v.ok, "reason": v.reason, "score": v.score}
+                    for v in verdicts]
+    if decision.action is Action.SUCCEED:
+        assert completion is not None
+        rt.store.transition(job.id, job.attempt_no, state=SUCCEEDED, result=completion.body,
+                            verdicts=verdict_rows, error=None)
+        return "succeeded"
+    if decision.action is Action.FAIL:
+        return _finish_failed(rt, job, decision.error_code or "failed", decision.reason,
+                              verdict_rows)
+
+    options = dict(job.options)
+    tier_index, escalations = job.tier_index, list(job.escalations)
+    exclude = set(options.get("exclude", []))
+    if decision.action is Action.FAILOVER:
+        exclude.add(model.name)
+    next_model: ModelConfig | None = model
+    if decision.action in (Action.FAILOVER, Action.ESCALATE):
+        next_model = None
+        if decision.action is Action.FAILOVER:
+            next_model = pick_model(rt.config, job.ladder[tier_index], options.get("pin"), exclude)
+        while next_model is None and tier_index + 1 < len(job.ladder):
+            tier_index += 1
+            next_model = pick_model(rt.config, job.ladder[tier_index], options.get("pin"), exclude)
+        if next_model is None:
+            return _finish_failed(rt, job, "no_model_left",
+                                  f"{decision.reason}; no model left on the ladder", verdict_rows)
+        if next_model.tier != model.tier:
+            escalations.append({"from_tier": model.tier, "to_tier": next_model.tier,
+                                "from_model": model.name, "reason": decision.reason[:300]})
+    options["exclude"] = sorted(exclude)
+    assert next_model is not None
+    moved = rt.store.transition(
+        job.id, job.attempt_no, state=QUEUED, attempt_no=job.attempt_no + 1,
+        tier_index=tier_index, tier=next_model.tier, model=next_model.name,
+        provider=next_model.provider, options=options, escalations=escalations,
+        verdicts=verdict_rows)
+    if moved:
+        rt.dispatcher.enqueue(job.id, job.attempt_no + 1,
+                              rt.config.providers[next_model.provider].queue, decision.delay_s)
+    return decision.action.value
+
+
+def _finish_failed(rt: Runtime, job: Job, code: str, message: str,
+                   verdicts: list[dict[str, Any]] | None = None) -> str:
+    rt.store.transition(job.id, job.attempt_no, state=FAILED,
+                        error={"code": code, "message": message}, verdicts=verdicts or [])
+    log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)
+    return "failed"

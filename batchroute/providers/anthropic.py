@@ -1,0 +1,105 @@
+"""Anthropic's Messages API, spoken natively, translated to and from the OpenAI shape.
+
+Jobs arrive OpenAI-shaped and results leave as `chat.completion` bodies, so the
+output file looks the same whichever provider answered.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from batchroute.completion import Completion, Usage
+from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
+
+API_VERSION = "2023-06-01"
+STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
+ERROR_TYPES = {"rate_limit_error": 429, "overloaded_error": 529, "api_error": 500,
+               "authentication_error": 401, "permission_error": 403,
+               "invalid_request_error": 400, "request_too_large": 413}
+
+
+def to_messages_request(api_model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI chat body -> Messages API body (system prompt lifted out, max_tokens required)."""
+    system = [message_text(m.get("content")) for m in body["messages"]
+              if m.get("role") in ("system", "developer")]
+    messages = [{"role": m["role"], "content": m.get("content") or ""}
+                for m in body["messages"] if m.get("role") in ("user", "assistant")]
+    payload: dict[str, Any] = {
+        "model": api_model, "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
+        or DEFAULT_MAX_COMPLETION,
+    }
+    if system:
+        payload["system"] = "\n\n".join(system)
+    for key in ("temperature", "top_p"):
+        if key in body:
+            payload[key] = body[key]
+    if body.get("stop"):
+        stop = body["stop"]
+        payload["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    return payload
+
+
+def to_chat_completion(data: dict[str, Any], finish_reason: str, content: str) -> dict[str, Any]:
+    usage = data.get("usage") or {}
+    prompt = int(usage.get("input_tokens", 0)) + int(usage.get("cache_read_input_tokens", 0) or 0)
+    completion = int(usage.get("output_tokens", 0))
+    return {
+        "id": data.get("id", ""), "object": "chat.completion", "created": int(time.time()),
+        "model": data.get("model", ""),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
+    }
+
+
+class AnthropicAdapter:
+    def build_request(self, client: httpx.Client, base_url: str, api_key: str | None,
+                      api_model: str, body: dict[str, Any]) -> httpx.Request:
+        headers = {"anthropic-version": API_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return client.build_request("POST", f"{base_url}/messages",
+                                    json=to_messages_request(api_model, body), headers=headers)
+
+    def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
+        if response.status_code >= 400:
+            message, etype = _error_fields(response)
+            status = ERROR_TYPES.get(etype, response.status_code)
+            raise error_from_status(status, message, etype, parse_retry_after(response.headers))
+        try:
+            data = response.json()
+            content = "".join(block.get("text", "") for block in data["content"]
+                              if block.get("type") == "text")
+            usage = data.get("usage") or {}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ProviderError(ErrorKind.BAD_RESPONSE,
+                                f"unreadable Messages API body ({type(e).__name__}: {e})",
+                                response.status_code) from None
+        finish = STOP_REASONS.get(str(data.get("stop_reason")), "stop")
+        cached = int(usage.get("cache_read_input_tokens", 0) or 0)
+        return Completion(
+            content=content, finish_reason=finish,
+            usage=Usage(prompt_tokens=int(usage.get("input_tokens", 0)) + cached,
+                        completion_tokens=int(usage.get("output_tokens", 0)),
+                        cached_tokens=cached),
+            model=str(data.get("model", "")),
+            request_id=response.headers.get("request-id", "") or str(data.get("id", "")),
+            latency_s=latency_s, body=to_chat_completion(data, finish, content),
+            rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+        )
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str]:
+    try:
+        err = response.json().get("error") or {}
+        return str(err.get("message") or response.reason_phrase), str(err.get("type") or "")
+    except (json.JSONDecodeError, AttributeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}", ""

@@ -1,0 +1,70 @@
+"""OpenAI-compatible chat completions: OpenAI, Azure-style URLs, DeepSeek, Mistral,
+Together, Groq, OpenRouter, vLLM, Ollama and the built-in simulator."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from batchroute.completion import Completion, Usage
+from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+
+# Keys of the job body forwarded to the provider; anything else (our own fields,
+# vendor extensions a provider would reject) stays behind.
+FORWARDED = ("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+             "response_format", "seed", "logprobs", "top_logprobs", "presence_penalty",
+             "frequency_penalty", "tools", "tool_choice", "n", "user")
+
+
+class OpenAIAdapter:
+    def build_request(self, client: httpx.Client, base_url: str, api_key: str | None,
+                      api_model: str, body: dict[str, Any]) -> httpx.Request:
+        payload = {k: body[k] for k in FORWARDED if k in body}
+        payload["model"] = api_model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return client.build_request("POST", f"{base_url}/chat/completions", json=payload,
+                                    headers=headers)
+
+    def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
+        if response.status_code >= 400:
+            message, code = _error_fields(response)
+            raise error_from_status(response.status_code, message, code,
+                                    parse_retry_after(response.headers))
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+            usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ProviderError(ErrorKind.BAD_RESPONSE,
+                                f"unreadable chat.completion body ({type(e).__name__}: {e})",
+                                response.status_code) from None
+        logprobs = None
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            logprobs = [float(t.get("logprob", 0.0)) for t in lp["content"]]
+        return Completion(
+            content=message.get("content") or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                        completion_tokens=int(usage.get("completion_tokens", 0)),
+                        cached_tokens=int(details.get("cached_tokens", 0) or 0)),
+            model=str(data.get("model", "")),
+            request_id=response.headers.get("x-request-id", "") or str(data.get("id", "")),
+            latency_s=latency_s,
+            logprobs=logprobs,
+            body=data,
+            rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+        )
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str]:
+    try:
+        err = response.json().get("error") or {}
+        return str(err.get("message") or response.reason_phrase), str(err.get("code") or
+                                                                      err.get("type") or "")
+    except (json.JSONDecodeError, AttributeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}", ""

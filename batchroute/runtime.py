@@ -1,0 +1,54 @@
+"""Everything a worker process holds for its lifetime: config, store, HTTP client, dispatcher.
+
+Built once per process (Celery worker or embedded run) and passed to the
+pipeline, so the pipeline itself holds no globals and tests can build one with
+any parts they like.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import structlog
+
+from batchroute.config import Config, ProviderConfig, load_config
+from batchroute.dispatch import Dispatcher
+from batchroute.store import Store
+
+log = structlog.get_logger("batchroute.runtime")
+
+
+class Runtime:
+    def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
+                 client: httpx.Client | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.dispatcher = dispatcher
+        self.client = client or httpx.Client(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        self._sim: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, dispatcher: Dispatcher, config: Config | None = None) -> Runtime:
+        return cls(config or load_config(), Store(), dispatcher)
+
+    def base_url(self, provider: ProviderConfig) -> str:
+        """The provider's URL; "sim://" starts the built-in simulator in this process once."""
+        if not provider.simulated:
+            return provider.base_url
+        with self._lock:
+            if self._sim is None:
+                from batchroute.sim import SimConfig, SimServer
+
+                self._sim = SimServer(SimConfig.from_dict(self.config.simulator)).start()
+                log.info("simulator_started", url=self._sim.url)
+            return f"{self._sim.url}/v1"
+
+    def close(self) -> None:
+        self.client.close()
+        if self._sim is not None:
+            self._sim.stop()
+            self._sim = None
