@@ -1,0 +1,64 @@
+"""`batchroute run`: the whole pipeline in one process.
+
+No Redis and no database server: an SQLite file, a thread pool as broker and
+worker, and the simulated provider started in-process (unless the config names
+real providers). The job code is the very `pipeline.process_job` the Celery
+workers run, so what a user sees here is what the deployment does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchroute.config import Config, check_api_keys, load_config
+from batchroute.dispatch import LocalDispatcher
+from batchroute.ingest import IngestResult, ingest_file
+from batchroute.pipeline import process_job
+from batchroute.reports import batch_report
+from batchroute.results import WriteSummary, write_results
+from batchroute.runtime import Runtime
+from batchroute.store import Store
+
+
+@dataclass
+class RunOutcome:
+    ingest: IngestResult
+    written: WriteSummary
+    report: dict[str, Any]
+
+
+def run_file(path: Path, out: Path, errors: Path | None = None, config: Config | None = None,
+             store: Store | None = None, concurrency: int = 16,
+             on_ingested: Callable[[IngestResult], None] | None = None,
+             on_progress: Callable[[dict[str, int]], None] | None = None) -> RunOutcome:
+    config = config or load_config()
+    check_api_keys(config)
+    store = store or Store()
+    dispatcher = LocalDispatcher(concurrency=concurrency)
+    rt = Runtime(config, store, dispatcher)
+    dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
+    try:
+        ingest = ingest_file(config, store, None, path)
+        # Nobody else works on this batch: jobs left "running" by an interrupted run resume.
+        store.requeue_running(ingest.batch_id)
+        queued = store.queued_jobs(ingest.batch_id)
+        dispatcher.enqueue_many([(i, n, config.providers[p].queue) for i, n, p in queued])
+        if on_ingested is not None:
+            on_ingested(ingest)
+        while not dispatcher.join(timeout=0.25):
+            if on_progress is not None:
+                on_progress(store.state_counts(ingest.batch_id))
+        if dispatcher.errors:
+            raise RuntimeError(f"{len(dispatcher.errors)} job(s) crashed; first: "
+                               f"{dispatcher.errors[0]!r}") from dispatcher.errors[0]
+        if on_progress is not None:
+            on_progress(store.state_counts(ingest.batch_id))
+        store.update_batch(ingest.batch_id, state="done")
+        written = write_results(store, ingest.batch_id, out, errors)
+        return RunOutcome(ingest, written, batch_report(store, config, ingest.batch_id))
+    finally:
+        dispatcher.close()
+        rt.close()

@@ -1,0 +1,85 @@
+"""Writing results in the OpenAI Batch output format, plus what batchroute knows.
+
+Files are written to a temporary name and renamed, so a reader never sees half
+a results file. Jobs are streamed from the store in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batchroute.store import FAILED, SUCCEEDED, Job, Store
+
+
+@dataclass
+class WriteSummary:
+    written: int = 0
+    errors: int = 0
+    unfinished: int = 0
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[str]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_line(job: Job, n_attempts: int, cost: float) -> dict[str, Any]:
+    meta = {"task": job.task, "tier": job.tier, "provider": job.provider, "model": job.model,
+            "attempts": n_attempts, "cost_usd": round(cost, 8), "escalations": job.escalations,
+            "validators": job.verdicts, "reference_model": job.reference_model}
+    line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
+    if job.state == SUCCEEDED and job.result is not None:
+        line["response"] = {"status_code": 200,
+                            "request_id": str(job.result.get("id", "")), "body": job.result}
+        line["error"] = None
+    else:
+        line["response"] = None
+        line["error"] = job.error or {"code": job.state, "message": f"job is {job.state}"}
+    line["batchroute"] = meta
+    return line
+
+
+def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = None,
+                  ) -> WriteSummary:
+    """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None)."""
+    per_job: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for a in store.attempts(batch_id):
+        per_job[a.job_id][0] += 1
+        per_job[a.job_id][1] += a.cost_usd
+    summary = WriteSummary()
+    with ExitStack() as stack:
+        fout = stack.enter_context(atomic_writer(out))
+        ferr = stack.enter_context(atomic_writer(errors)) if errors is not None else fout
+        for job in store.iter_jobs(batch_id):
+            if job.state not in (SUCCEEDED, FAILED):
+                summary.unfinished += 1
+                continue
+            n, cost = per_job.get(job.id, (0, 0.0))
+            line = output_line(job, int(n), cost)
+            target = fout if job.state == SUCCEEDED else ferr
+            target.write(json.dumps(line, ensure_ascii=False) + "\n")
+            summary.written += job.state == SUCCEEDED
+            summary.errors += job.state != SUCCEEDED
+        for le in store.line_errors(batch_id):
+            ferr.write(json.dumps({
+                "id": None, "custom_id": le.custom_id, "response": None,
+                "error": {"code": "invalid_line", "message": f"line {le.line_no}: {le.reason}",
+                          "line": le.line_no}}) + "\n")
+            summary.errors += 1
+    return summary
