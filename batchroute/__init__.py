@@ -1,4 +1,4 @@
-"""batchroute: run large batches of LLM requests on the cheapest tier that gives acceptable answers."""
+"""batchroute: run large LLM batches on the cheapest tier that gives acceptable answers."""
 
 from batchroute.client import AsyncClient, Client, JobFailed, JobHandle, JobResult, JobTimeout
 

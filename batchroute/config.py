@@ -234,7 +234,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load the routing config: explicit path, else $BATCHROUTE_CONFIG, else the packaged default."""
+    """Load the routing config: a path, else $BATCHROUTE_CONFIG, else the packaged default."""
     path = path or os.environ.get("BATCHROUTE_CONFIG") or None
     if path is None:
         text = resources.files("batchroute").joinpath(DEFAULT_CONFIG_NAME).read_text("utf-8")
@@ -242,7 +242,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     else:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (set BATCHROUTE_CONFIG or pass --config)")
+            raise ConfigError(f"config file not found: {p} "
+                              "(set BATCHROUTE_CONFIG or pass --config)")
         text = p.read_text("utf-8")
         source = str(p)
     try:

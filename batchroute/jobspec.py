@@ -77,7 +77,8 @@ def _check_messages(messages: Any) -> None:
             raise LineProblem(f"{where}.role: must be one of {', '.join(ROLES)}, "
                               f"got {m.get('role')!r}")
         content = m.get("content")
-        if not isinstance(content, (str, list)) and not (content is None and m["role"] == "assistant"):
+        empty_assistant = content is None and m["role"] == "assistant"
+        if not isinstance(content, (str, list)) and not empty_assistant:
             raise LineProblem(f"{where}.content: must be a string or a list of content parts")
 
 

@@ -100,7 +100,8 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
             consecutive += 1
     exclude = set(job.options.get("exclude", [])) | {model.name}
     failover = pick_model(rt.config, job.tier, job.options.get("pin"), exclude) is not None
-    return Position(tier_index=job.tier_index, ladder_len=len(job.ladder), attempt_no=job.attempt_no,
+    return Position(tier_index=job.tier_index, ladder_len=len(job.ladder),
+                    attempt_no=job.attempt_no,
                     consecutive_errors=consecutive, has_failover=failover,
                     max_retries=rt.config.provider_of(model).max_retries)
 

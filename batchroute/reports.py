@@ -34,7 +34,8 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         tokens = a.prompt_tokens + a.completion_tokens
         cost += a.cost_usd
         for key, value in (("by_tier", str(a.tier)), ("by_model", a.model),
-                           ("by_provider", a.provider), ("by_task", job_task.get(a.job_id, a.task))):
+                           ("by_provider", a.provider),
+                           ("by_task", job_task.get(a.job_id, a.task))):
             b = groups[key][value]
             b["attempts"] += 1
             b["cost_usd"] += a.cost_usd

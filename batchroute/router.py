@@ -68,8 +68,8 @@ def route(config: Config, spec: JobSpec, prompt_tokens: int) -> Route:
             bool(rule.keywords) and any(k in text for k in rule.keywords))
         if hit and rule.start_tier > start:
             start = rule.start_tier
-            reason = (f"prompt of {prompt_tokens} tokens >= {rule.min_prompt_tokens}"
-                      if rule.min_prompt_tokens is not None and prompt_tokens >= rule.min_prompt_tokens
+            long = rule.min_prompt_tokens is not None and prompt_tokens >= rule.min_prompt_tokens
+            reason = (f"prompt of {prompt_tokens} tokens >= {rule.min_prompt_tokens}" if long
                       else f"keyword rule {list(rule.keywords)}")
     start_index = next((i for i, t in enumerate(ladder) if t >= start), len(ladder) - 1)
     reference = spec.reference_model or _top_model(config, ladder, spec)

@@ -15,13 +15,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, Engine, UniqueConstraint, event, func, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 DEFAULT_DATABASE_URL = "sqlite:///batchroute.db"
 
 # Job states. "queued" means a message for (id, attempt_no) is or should be on the broker.
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -170,7 +172,7 @@ class Store:
             batch = s.get(Batch, ref)
             if batch is not None:
                 return batch
-            rows = s.exec(select(Batch).where(Batch.id.startswith(ref))).all()  # type: ignore[attr-defined]
+            rows = s.exec(select(Batch).where(Batch.id.startswith(ref))).all()
             if len(rows) == 1:
                 return rows[0]
             named = s.exec(select(Batch).where(Batch.name == ref)
@@ -201,10 +203,10 @@ class Store:
 
     def insert_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bulk insert; rows whose (batch, custom_id) exist are skipped, so resubmitting is safe."""
-        self._insert_ignore(Job.__table__, rows)
+        self._insert_ignore(Job.__table__, rows)  # type: ignore[attr-defined]
 
     def insert_line_errors(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._insert_ignore(LineError.__table__, rows)
+        self._insert_ignore(LineError.__table__, rows)  # type: ignore[attr-defined]
 
     def queued_jobs(self, batch_id: str, ids: Iterable[str] | None = None,
                     ) -> list[tuple[str, int, str]]:
@@ -237,7 +239,8 @@ class Store:
 
     def record_attempt(self, attempt: Attempt) -> bool:
         """Insert an attempt once; False if this (job, attempt_no) was already recorded."""
-        return self._insert_ignore(Attempt.__table__, [attempt.model_dump(exclude={"id"})]) == 1
+        row = attempt.model_dump(exclude={"id"})
+        return self._insert_ignore(Attempt.__table__, [row]) == 1  # type: ignore[attr-defined]
 
     def attempt_count(self, job_id: str, attempt_no: int | None = None) -> int:
         with self.session() as s:
@@ -265,7 +268,7 @@ class Store:
     def state_counts(self, batch_id: str) -> dict[str, int]:
         with self.session() as s:
             rows = s.exec(select(Job.state, func.count()).where(Job.batch_id == batch_id)
-                          .group_by(Job.state)).all()  # type: ignore[arg-type]
+                          .group_by(Job.state)).all()
             return {state: int(n) for state, n in rows}
 
     def iter_jobs(self, batch_id: str, chunk: int = 1000) -> Iterator[Job]:
@@ -299,10 +302,11 @@ class Store:
         """(id, task, state, tier, model, provider, reference_model, n_escalations,
         prompt_tokens_est, metadata) without the bodies, for reports."""
         with self.session() as s:
-            rows = s.exec(select(Job.id, Job.task, Job.state, Job.tier, Job.model, Job.provider,
-                                 Job.reference_model, Job.escalations, Job.prompt_tokens_est,
-                                 Job.options)
-                          .where(Job.batch_id == batch_id)).all()  # type: ignore[call-overload]
+            rows = s.execute(sa_select(  # type: ignore[call-overload]
+                Job.id, Job.task, Job.state, Job.tier, Job.model,
+                                       Job.provider, Job.reference_model, Job.escalations,
+                                       Job.prompt_tokens_est, Job.options)
+                             .where(Job.batch_id == batch_id)).all()
             return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], len(r[7] or []), r[8],
                      (r[9] or {}).get("metadata", {})) for r in rows]
 

@@ -10,8 +10,8 @@ import httpx
 
 from batchroute.completion import Completion
 from batchroute.config import ProviderConfig
-from batchroute.providers.base import Adapter, ErrorKind, ProviderError
 from batchroute.providers.anthropic import AnthropicAdapter
+from batchroute.providers.base import Adapter, ErrorKind, ProviderError
 from batchroute.providers.openai import OpenAIAdapter
 
 ADAPTERS: dict[str, Adapter] = {"openai": OpenAIAdapter(), "anthropic": AnthropicAdapter()}

@@ -35,7 +35,7 @@ class OpenAIAdapter:
         try:
             data = response.json()
             choice = data["choices"][0]
-            message = choice.get("message") or {}
+            msg = choice.get("message") or {}
             usage = data.get("usage") or {}
             details = usage.get("prompt_tokens_details") or {}
         except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
@@ -47,7 +47,7 @@ class OpenAIAdapter:
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
             logprobs = [float(t.get("logprob", 0.0)) for t in lp["content"]]
         return Completion(
-            content=message.get("content") or "",
+            content=msg.get("content") or "",
             finish_reason=choice.get("finish_reason") or "stop",
             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
                         completion_tokens=int(usage.get("completion_tokens", 0)),
