@@ -257,6 +257,11 @@ def _show_report(r: dict[str, Any]) -> None:
             ("escalation rate", f"{100 * r['escalation_rate']:.1f}%"),
             ("cost per success", f"${r['cost_per_success_usd']:.6f}"
              if r["cost_per_success_usd"] is not None else "-")]
+    res = r.get("resilience") or {}
+    if res.get("provider_errors") or res.get("failovers"):
+        rows.append(("provider errors", ", ".join(f"{k} {v}" for k, v in
+                                                  res["provider_errors"].items()) or "0"))
+        rows.append(("retries / failovers", f"{res['retries']} / {res['failovers']}"))
     for k, v in rows:
         head.add_row(k, str(v))
     out.print(head)

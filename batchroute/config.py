@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from batchroute.breaker import BreakerConfig
+
 DEFAULT_CONFIG_NAME = "default.toml"
 SIM_BASE_URL = "sim://"
 """A provider base_url meaning "the built-in simulator, started in this process"."""
@@ -92,6 +94,7 @@ class Config:
     tasks: dict[str, TaskProfile]
     custom_validators: dict[str, str] = field(default_factory=dict)
     simulator: dict[str, Any] = field(default_factory=dict)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     source: str = "<default>"
 
     def task(self, name: str | None) -> TaskProfile:
@@ -225,6 +228,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
         tasks=tasks,
         custom_validators=custom,
         simulator=dict(data.get("simulator", {})),
+        breaker=BreakerConfig.from_dict(data.get("breaker", {})),
         source=source,
     )
     from batchroute.pricing import check_prices

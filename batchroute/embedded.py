@@ -28,6 +28,7 @@ class RunOutcome:
     ingest: IngestResult
     written: WriteSummary
     report: dict[str, Any]
+    breakers: dict[str, dict[str, Any]]
 
 
 def run_file(path: Path, out: Path, errors: Path | None = None, config: Config | None = None,
@@ -58,7 +59,8 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
             on_progress(store.state_counts(ingest.batch_id))
         store.update_batch(ingest.batch_id, state="done")
         written = write_results(store, ingest.batch_id, out, errors)
-        return RunOutcome(ingest, written, batch_report(store, config, ingest.batch_id))
+        return RunOutcome(ingest, written, batch_report(store, config, ingest.batch_id),
+                          rt.breakers.snapshot())
     finally:
         dispatcher.close()
         rt.close()

@@ -34,11 +34,14 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
         log.debug("duplicate_or_stale_message", job_id=job_id, attempt=attempt_no)
         return "skipped"
     jlog = log.bind(batch_id=job.batch_id, job_id=job.id, custom_id=job.custom_id,
-                    attempt=attempt_no, tier=job.tier, model=job.model)
-    model = rt.config.models.get(job.model)
-    if model is None:
+                    attempt=attempt_no, tier=job.tier)
+    if job.model not in rt.config.models:
         return _finish_failed(rt, job, "unknown_model",
                               f"model {job.model!r} is not in the routing config any more")
+    model = _choose_model(rt, job)
+    if model is None:
+        return _no_model_now(rt, job)
+    jlog = jlog.bind(model=model.name)
     provider = rt.config.provider_of(model)
     completion: Completion | None = None
     error: ProviderError | None = None
@@ -46,6 +49,7 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
         completion = call(rt.client, provider, rt.base_url(provider), model.api_model, job.body)
     except ProviderError as e:
         error = e
+    _feed_breaker(rt, model, error, jlog)
 
     attempt = _attempt_row(job, model, attempt_no, completion, error)
     if completion is not None:
@@ -64,6 +68,61 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
               cost_usd=attempt.cost_usd, latency_ms=round(attempt.latency_ms, 1),
               reason=attempt.reason or None)
     return _apply(rt, job, model, decision, completion, verdicts)
+
+
+def _available(rt: Runtime, tier: int, pin: str | None, exclude: set[str]) -> ModelConfig | None:
+    """The first model of a tier that the job may use and whose breaker lets calls through."""
+    for m in rt.config.models_at(tier):
+        if pin and pin not in (m.name, m.provider):
+            continue
+        if m.name in exclude or m.provider in exclude:
+            continue
+        if rt.breakers.allow(m.name):
+            return m
+    return None
+
+
+def _choose_model(rt: Runtime, job: Job) -> ModelConfig | None:
+    """The job's model, or an equivalent of the same tier while its breaker is open."""
+    current = rt.config.models[job.model]
+    if rt.breakers.allow(current.name):
+        return current
+    exclude = set(job.options.get("exclude", [])) | {current.name}
+    return _available(rt, job.tier, job.options.get("pin"), exclude)
+
+
+def _feed_breaker(rt: Runtime, model: ModelConfig, error: ProviderError | None,
+                  jlog: Any) -> None:
+    if error is None:
+        rt.breakers.record(model.name, True)
+    elif error.kind in policy.TRANSIENT and rt.breakers.record(model.name, False):
+        jlog.warning("breaker_opened", cooldown_s=rt.config.breaker.cooldown_s,
+                     last_error=error.kind.value)
+
+
+def _no_model_now(rt: Runtime, job: Job) -> str:
+    """Every model of the job's tier is cooling down: wait for a probe to close one, a
+    bounded number of times, then let the next tier up take the job."""
+    waited = int(job.options.get("deferrals", 0))
+    options = dict(job.options) | {"deferrals": waited + 1}
+    if waited < policy.MAX_DEFERRALS:
+        delay = min(rt.config.breaker.cooldown_s, policy.DEFER_CAP_S)
+        if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options):
+            rt.dispatcher.enqueue(job.id, job.attempt_no,
+                                  rt.config.providers[job.provider].queue, delay)
+        return "deferred"
+    exclude = set(job.options.get("exclude", []))
+    for index in range(job.tier_index + 1, len(job.ladder)):
+        m = _available(rt, job.ladder[index], job.options.get("pin"), exclude)
+        if m is not None:
+            if rt.store.transition(job.id, job.attempt_no, state=QUEUED, tier_index=index,
+                                   tier=m.tier, model=m.name, provider=m.provider,
+                                   options=options | {"deferrals": 0}):
+                rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[m.provider].queue)
+            return "escalated_past_outage"
+    return _finish_failed(rt, job, "no_model_available",
+                          f"every model of tiers {job.ladder[job.tier_index:]} stayed in "
+                          f"cooldown after {waited} waits")
 
 
 def _validators(rt: Runtime, job: Job) -> list[Any]:
@@ -113,11 +172,12 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
     if decision.action is Action.SUCCEED:
         assert completion is not None
         rt.store.transition(job.id, job.attempt_no, state=SUCCEEDED, result=completion.body,
-                            verdicts=verdict_rows, error=None)
+                            verdicts=verdict_rows, error=None, model=model.name,
+                            provider=model.provider)
         return "succeeded"
     if decision.action is Action.FAIL:
         return _finish_failed(rt, job, decision.error_code or "failed", decision.reason,
-                              verdict_rows)
+                              verdict_rows, model=model.name, provider=model.provider)
 
     options = dict(job.options)
     tier_index, escalations = job.tier_index, list(job.escalations)
@@ -152,8 +212,9 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
 
 
 def _finish_failed(rt: Runtime, job: Job, code: str, message: str,
-                   verdicts: list[dict[str, Any]] | None = None) -> str:
+                   verdicts: list[dict[str, Any]] | None = None, **values: Any) -> str:
     rt.store.transition(job.id, job.attempt_no, state=FAILED,
-                        error={"code": code, "message": message}, verdicts=verdicts or [])
+                        error={"code": code, "message": message}, verdicts=verdicts or [],
+                        **values)
     log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)
     return "failed"

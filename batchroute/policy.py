@@ -17,6 +17,10 @@ from batchroute.providers.base import ErrorKind
 MAX_ATTEMPTS_PER_JOB = 12
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+# While every model of a tier is cooling down (circuit breakers open), a job waits
+# for a probe to close one; after this many waits the next tier takes it instead.
+MAX_DEFERRALS = 20
+DEFER_CAP_S = 5.0
 
 
 class Action(StrEnum):

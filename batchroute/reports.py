@@ -14,11 +14,31 @@ from typing import Any
 from batchroute.completion import Usage
 from batchroute.config import Config
 from batchroute.pricing import reference_cost
-from batchroute.store import FAILED, FINISHED, SUCCEEDED, Store
+from batchroute.store import FAILED, FINISHED, SUCCEEDED, Attempt, Store
 
 
 def _bucket() -> dict[str, Any]:
     return {"jobs": 0, "succeeded": 0, "attempts": 0, "cost_usd": 0.0, "tokens": 0}
+
+
+def resilience(attempts: list[Attempt]) -> dict[str, Any]:
+    """What retries and failover did: each attempt compared with the job's previous one."""
+    errors: dict[str, int] = defaultdict(int)
+    moves = {"retries": 0, "failovers": 0, "escalations": 0}
+    previous: dict[str, Attempt] = {}
+    for a in attempts:
+        if a.outcome == "error":
+            errors[a.error_kind or "unknown"] += 1
+        before = previous.get(a.job_id)
+        if before is not None:
+            if a.tier > before.tier:
+                moves["escalations"] += 1
+            elif a.model != before.model:
+                moves["failovers"] += 1
+            elif before.outcome == "error":
+                moves["retries"] += 1
+        previous[a.job_id] = a
+    return {"provider_errors": dict(sorted(errors.items())), **moves}
 
 
 def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
@@ -79,6 +99,7 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         "cost_per_success_usd": round(cost / succeeded, 8) if succeeded else None,
         "unpriced_reference_jobs": unpriced,
     }
+    report["resilience"] = resilience(attempts)
     for key, buckets in groups.items():
         report[key] = {
             k: {**v, "cost_usd": round(v["cost_usd"], 8),

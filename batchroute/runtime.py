@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import structlog
 
+from batchroute.breaker import Breakers, MemoryBreakers
 from batchroute.config import Config, ProviderConfig, load_config
 from batchroute.dispatch import Dispatcher
 from batchroute.store import Store
@@ -22,8 +23,10 @@ log = structlog.get_logger("batchroute.runtime")
 
 class Runtime:
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx.Client | None = None, breakers: Breakers | None = None) -> None:
         self.config = config
+        # In-process breakers unless the caller shares some (Redis) across workers.
+        self.breakers: Breakers = breakers or MemoryBreakers(config.breaker)
         self.store = store
         self.dispatcher = dispatcher
         self.client = client or httpx.Client(

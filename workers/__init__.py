@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import threading
 
+import redis
 from kombu import Queue
 
-from batchroute.broker import TASK_NAME, make_celery
+from batchroute.breaker import RedisBreakers
+from batchroute.broker import TASK_NAME, broker_url, make_celery
 from batchroute.config import check_api_keys, load_config
 from batchroute.dispatch import CeleryDispatcher
 from batchroute.logs import configure_logging
@@ -33,7 +35,9 @@ def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = Runtime(config, Store(), CeleryDispatcher(app))
+            _runtime = Runtime(config, Store(), CeleryDispatcher(app),
+                               breakers=RedisBreakers(redis.Redis.from_url(broker_url()),
+                                                      config.breaker))
         return _runtime
 
 
