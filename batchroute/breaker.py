@@ -55,8 +55,12 @@ def allow(state: BreakerState, now: float, cfg: BreakerConfig) -> tuple[bool, bo
 def record(state: BreakerState, ok: bool, now: float, cfg: BreakerConfig) -> bool:
     """Record an outcome; returns True when this outcome opened the breaker."""
     if ok:
-        state.failures.clear()
-        state.open_until = state.probe_until = 0.0
+        # Only a success after the cooldown (the probe) closes the breaker: calls that
+        # were already in flight when it opened prove nothing, and while closed a
+        # success does not wipe the window: a model failing one call in three is unhealthy.
+        if state.open_until != 0.0 and now >= state.open_until:
+            state.failures.clear()
+            state.open_until = state.probe_until = 0.0
         return False
     half_open = state.open_until != 0.0 and now >= state.open_until
     state.failures = [t for t in state.failures if t > now - cfg.window_s] + [now]
@@ -132,8 +136,10 @@ if op == 'allow' then
   return 1
 end
 if ok == '1' then
-  redis.call('HSET', key, 'open_until', 0, 'probe_until', 0)
-  redis.call('DEL', fkey)
+  if open_until ~= 0 and now >= open_until then
+    redis.call('HSET', key, 'open_until', 0, 'probe_until', 0)
+    redis.call('DEL', fkey)
+  end
   return 0
 end
 local half_open = open_until ~= 0 and now >= open_until

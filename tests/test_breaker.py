@@ -65,3 +65,19 @@ def test_redis_breakers_are_shared_by_every_worker(redis_url: str) -> None:
     w2.record("m", True)
     assert w1.allow("m")
     assert w1.snapshot()["m"]["state"] == "closed"
+
+
+def test_successes_do_not_hide_a_failing_model() -> None:
+    s = BreakerState()
+    opened = False
+    for i in range(9):  # fails one call in three
+        opened = record(s, i % 3 != 0, float(i), CFG) or opened
+    assert opened
+
+
+def test_late_successes_from_calls_in_flight_do_not_close_it() -> None:
+    s = BreakerState()
+    for t in (0.0, 0.1, 0.2):
+        record(s, False, t, CFG)
+    record(s, True, 0.3, CFG)  # a call that started before the breaker opened
+    assert allow(s, 1.0, CFG) == (False, False)
