@@ -305,3 +305,33 @@ def _only_batch(store: Store) -> str:
 
 def test_breaker_config_parses() -> None:
     assert BreakerConfig.from_dict({"failures": "4", "cooldown_s": 2}).failures == 4
+
+
+def test_bad_key_fails_the_job_at_once(sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"providers": {"p": {"base_url": f"{sim.url}/v1", "api_key_env": "BR_TEST_KEY2"}},
+            "models": {"m1": {"provider": "p", "tier": 1, "price": PRICE},
+                       "m2": {"provider": "p", "tier": 2, "price": PRICE}}}
+    monkeypatch.setenv("BR_TEST_KEY2", "invalid")
+    h = Harness(parse_config(data))
+    try:
+        (job_id,) = h.run()
+        job = h.store.get_job(job_id)
+        assert job is not None and job.state == "failed"
+        assert job.error is not None and job.error["code"] == "auth"
+        assert len(h.store.job_attempts(job_id)) == 1  # no other model fixes a bad key
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"retry-after-ms": "250"}, 0.25),
+    ({"retry-after": "3"}, 3.0),
+    ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s"}, 360.0),
+    ({"x-ratelimit-reset-tokens": "20ms"}, 0.02),
+    ({}, None),
+])
+def test_retry_after_headers(headers: dict[str, str], seconds: float | None) -> None:
+    from batchroute.providers.base import parse_retry_after
+
+    got = parse_retry_after(httpx.Headers(headers))
+    assert got == (pytest.approx(seconds) if seconds is not None else None)
