@@ -49,21 +49,41 @@ class JobSpec:
                 "min_tier": self.min_tier, "max_tier": self.max_tier}
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (providers reject it); use a number or null")
+
+
 def _decode(raw: bytes | str, line_no: int) -> Any:
+    """Bytes to a JSON value. Hostile input (deep nesting, 10,000-digit numbers, NaN, lone
+    surrogates) becomes a LineProblem here rather than an exception that would stop the
+    ingestion or, worse, crash a worker when the body is sent."""
     if isinstance(raw, bytes):
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        # A BOM starts the file, or any line of files joined with `cat a.jsonl b.jsonl`.
+        if raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise LineProblem(f"invalid UTF-8 at byte {e.start}; save the file as UTF-8") from None
     else:
-        text = raw.lstrip("\ufeff") if line_no == 1 else raw
+        text = raw.lstrip("\ufeff")
     text = text.rstrip("\r\n")
     try:
-        return json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise LineProblem(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise LineProblem("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # NaN/Infinity, integers beyond Python's digit limit
+        raise LineProblem(f"invalid JSON: {str(e)[:200]}") from None
+    try:  # what the provider call will do with the body: fail here, not on a worker
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LineProblem("invalid text: a \\u escape encodes a lone surrogate, which is not "
+                          "valid Unicode and cannot be sent") from None
+    except (ValueError, RecursionError):
+        raise LineProblem("invalid JSON: a number is out of range (e.g. 1e999)") from None
+    return obj
 
 
 def _check_messages(messages: Any) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from batchroute.store import FAILED, SUCCEEDED, Job, Store
+from batchroute.store import FINISHED, SUCCEEDED, Job, Store
 
 
 @dataclass
@@ -33,6 +33,10 @@ def atomic_writer(path: Path) -> Iterator[IO[str]]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
+        # mkstemp creates 0600; results are ordinary files, readable as the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,7 +71,7 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
         fout = stack.enter_context(atomic_writer(out))
         ferr = stack.enter_context(atomic_writer(errors)) if errors is not None else fout
         for job in store.iter_jobs(batch_id):
-            if job.state not in (SUCCEEDED, FAILED):
+            if job.state not in FINISHED:  # cancelled jobs go to errors, code "cancelled"
                 summary.unfinished += 1
                 continue
             n, cost = per_job.get(job.id, (0, 0.0))
