@@ -40,3 +40,6 @@ class Completion:
     logprobs: list[float] | None = None
     body: dict[str, Any] = field(default_factory=dict)
     rate_limit: dict[str, str] = field(default_factory=dict)
+    alternatives: tuple[str, ...] = ()
+    """Contents of the other choices (index 1..n-1) when the request asked for ``n`` > 1:
+    the samples a `consensus` check compares with `content`."""

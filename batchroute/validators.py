@@ -9,13 +9,17 @@ consumer would choke on (prose around JSON, truncated output).
 Specs arrive in job input, which is untrusted: nothing in a spec can name code
 to import. Custom checks are looked up by name in an operator-supplied mapping.
 
-Consensus checks need several completions of the same request, so they live in
-the pipeline, not here; everything in this module judges one completion alone.
+Every check judges one completion. The `consensus` check reads all the choices
+of that completion (the pipeline asks for ``n = k`` of them, see
+`batchroute.consensus`). Any spec may carry ``"tiers": [1, 2]`` to run only on
+attempts at those tiers (see `specs_for_tier`): a check whose only effect is to
+escalate is pointless, and costly, at the top of a ladder.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import json
@@ -30,6 +34,7 @@ import jsonschema
 import jsonschema.exceptions
 import referencing.exceptions
 
+from batchroute import consensus
 from batchroute.completion import Completion
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "failure_reason",
     "passed",
     "run_validators",
+    "specs_for_tier",
     "validate_specs",
     "validators_for_response_format",
 ]
@@ -553,6 +559,36 @@ class _LogprobConfidence(_Base):
         return self._fail(f"mean logprob {mean:.3f} < {self.threshold:g}", mean)
 
 
+class _Consensus(_Base):
+    """Accept when at least `min_agree` of the first `k` choices give the same answer.
+
+    Fewer than k choices (a provider that ignores ``n``) is a failure, not a pass on
+    thinner evidence: the threshold was chosen for k samples.
+    """
+
+    def __init__(self, name: str, k: int, min_agree: int, extract: str | None,
+                 case_sensitive: bool) -> None:
+        super().__init__(name)
+        self.k = k
+        self.min_agree = min_agree
+        self.extract = extract
+        self.case_sensitive = case_sensitive
+
+    def check(self, completion: Completion) -> Verdict:
+        samples = consensus.samples_of(completion)
+        if len(samples) < self.k:
+            return self._fail(f"only {len(samples)} of {self.k} samples returned "
+                              "(does the provider support n?)")
+        t = consensus.tally(samples[: self.k], self.extract, self.case_sensitive)
+        score = t.votes / self.k
+        if t.votes >= self.min_agree:
+            return self._ok(score, f"{t.votes}/{self.k} samples agree")
+        if not t.answer:
+            return self._fail(f"no answer in any of {self.k} samples", score)
+        return self._fail(f"{t.votes}/{self.k} samples agree on {_snip(t.answer)!r}, "
+                          f"{self.min_agree} needed", score)
+
+
 class _Custom(_Base):
     """Wraps an operator-supplied callable; its failures become failed verdicts so
     that one buggy check cannot take down a whole batch."""
@@ -625,15 +661,32 @@ def _make_json_schema(name: str, p: _Params, custom: _Mapping) -> Validator:
     schema = p.raw("schema")
     if not isinstance(schema, dict):
         raise p.error("'schema' must be a JSON Schema object")
+    try:
+        key = json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not plain JSON (e.g. a TOML date): check it uncached
+        problem = _schema_problem_uncached(schema)
+    else:
+        problem = _schema_problem(key)
+    if problem is not None:
+        raise p.error(f"'schema' is not a valid JSON Schema: {problem}")
+    return _JsonSchema(name, schema)
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_problem(canonical: str) -> str | None:
+    """check_schema walks the whole meta-schema (~20 ms) and a batch repeats one schema on
+    thousands of lines (and every attempt rebuilds its validators): check each distinct
+    schema once per process. Keyed by the canonical JSON text, so equal schemas hit."""
+    return _schema_problem_uncached(json.loads(canonical))
+
+
+def _schema_problem_uncached(schema: dict[str, Any]) -> str | None:
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
-        where = _json_path(exc.absolute_path)
-        raise p.error(
-            f"'schema' is not a valid JSON Schema: {where}: {_snip(exc.message, _MESSAGE)}"
-        ) from exc
-    return _JsonSchema(name, schema)
+        return f"{_json_path(exc.absolute_path)}: {_snip(exc.message, _MESSAGE)}"
+    return None
 
 
 def _make_regex(name: str, p: _Params, custom: _Mapping) -> Validator:
@@ -695,6 +748,27 @@ def _make_logprob_confidence(name: str, p: _Params, custom: _Mapping) -> Validat
     return _LogprobConfidence(name, threshold, p.flag("missing_ok", False))
 
 
+def _make_consensus(name: str, p: _Params, custom: _Mapping) -> Validator:
+    k = p.positive_int("k")
+    if k is None or k < 2:
+        raise p.error("'k' (samples to compare) must be an integer >= 2")
+    min_agree = p.positive_int("min_agree")
+    if min_agree is None:
+        min_agree = k // 2 + 1
+    if min_agree > k:
+        raise p.error(f"'min_agree' ({min_agree}) cannot exceed 'k' ({k})")
+    extract = None
+    if p.has("extract"):
+        extract = p.string("extract")
+        try:
+            compiled = re.compile(extract)
+        except re.error as exc:
+            raise p.error(f"'extract' is not a valid regular expression: {exc}") from exc
+        if compiled.groups > 1:
+            raise p.error("'extract' may have at most one group (the answer)")
+    return _Consensus(name, k, min_agree, extract, p.flag("case_sensitive", False))
+
+
 def _make_custom(name: str, p: _Params, custom: _Mapping) -> Validator:
     custom_name = p.string("name") if name == "custom" else name
     params = p.rest()
@@ -716,6 +790,7 @@ _BUILTINS: dict[str, _Factory] = {
     "min_length": _length_factory(upper=False),
     "python_syntax": _make_python_syntax,
     "logprob_confidence": _make_logprob_confidence,
+    "consensus": _make_consensus,
     "custom": _make_custom,
 }
 
@@ -732,13 +807,40 @@ _KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "min_length": frozenset({"min_chars", "min_words"}),
     "python_syntax": frozenset({"test"}),
     "logprob_confidence": frozenset({"threshold", "missing_ok"}),
+    "consensus": frozenset({"k", "min_agree", "extract", "case_sensitive"}),
 }
 
 #: Spec types this module builds (custom names registered by the operator come on top).
 VALIDATOR_TYPES = frozenset(_BUILTINS)
 
-#: Spec types that judge several completions together and so are run by the pipeline.
-PIPELINE_TYPES = frozenset({"consensus"})
+#: Spec types that cannot be built here. Empty since `consensus` reads the choices of
+#: one completion; kept because callers import it.
+PIPELINE_TYPES: frozenset[str] = frozenset()
+
+
+def _tiers(value: Any, where: str) -> list[int]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                       for t in value)):
+        raise ValidatorError(f"{where}: 'tiers' must be a non-empty list of tiers (integers >= 1)")
+    return list(value)
+
+
+def specs_for_tier(specs: Sequence[Mapping[str, Any]], tier: int) -> list[dict[str, Any]]:
+    """The specs that apply to an attempt at `tier`, without their "tiers" key.
+
+    Specs without "tiers" apply everywhere. Calibrated configs use it to run a check
+    (e.g. consensus, which multiplies the completion tokens by k) only on the cheap
+    tiers whose answers it decides to keep or escalate.
+    """
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        tiers = spec.get("tiers") if isinstance(spec, Mapping) else None
+        if tiers is None:
+            out.append(dict(spec))
+        elif isinstance(tiers, list) and tier in tiers:
+            out.append({k: v for k, v in spec.items() if k != "tiers"})
+    return out
 
 
 def _build_one(index: int, spec: Any, custom: _Mapping) -> Validator:
@@ -748,6 +850,9 @@ def _build_one(index: int, spec: Any, custom: _Mapping) -> Validator:
     vtype = spec.get("type")
     if not isinstance(vtype, str) or not vtype:
         raise ValidatorError(f"{where}: 'type' must be a non-empty string")
+    if "tiers" in spec:
+        _tiers(spec["tiers"], f"{where} ({vtype})")
+        spec = {k: v for k, v in spec.items() if k != "tiers"}
     p = _Params(spec, f"{where} ({vtype})")
     # Built-ins win over a same-named custom entry so a spec means the same thing
     # on every deployment.

@@ -594,7 +594,7 @@ def test_builtin_wins_over_same_named_custom() -> None:
         ({"type": "logprob_confidence", "threshold": 0.8}, "must be <= 0"),
         ({"type": "finish_reason", "allowed": "stop"}, "'allowed' must be a non-empty list"),
         ({"type": "json", "strict": True}, "validators[1] (json): unknown parameter 'strict'"),
-        ({"type": "consensus", "n": 3}, "run by the pipeline"),
+        ({"type": "consensus", "n": 3}, "validators[1] (consensus): unknown parameter 'n'"),
     ],
 )
 def test_spec_errors_name_index_and_field(spec: Any, expected: str) -> None:

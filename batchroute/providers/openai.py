@@ -58,7 +58,17 @@ class OpenAIAdapter:
             logprobs=logprobs,
             body=data,
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+            alternatives=_other_choices(data["choices"]),
         )
+
+
+def _other_choices(choices: list[Any]) -> tuple[str, ...]:
+    """Contents of choices 1..n-1 (a request with ``n`` > 1), in index order."""
+    if len(choices) < 2:
+        return ()
+    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+    return tuple(str(((c.get("message") or {}) if isinstance(c, dict) else {}).get("content")
+                     or "") for c in ordered[1:])
 
 
 def _error_fields(response: httpx.Response) -> tuple[str, str]:

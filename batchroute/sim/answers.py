@@ -19,6 +19,7 @@ import math
 import random
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,17 +100,18 @@ def infer_kind(prompt: str, system: str, response_format: Any) -> str:
 
 
 def generate_answer(model: str, messages: list[dict[str, str]], response_format: Any,
-                    fail_rate: float) -> Answer:
+                    fail_rate: float, fail_rates: Mapping[str, float] | None = None) -> Answer:
     """The deterministic answer of ``model`` to this request.
 
     The first draw of the per-request RNG decides good/bad, so raising or lowering
-    ``fail_rate`` at runtime flips only the prompts near the threshold.
+    ``fail_rate`` at runtime flips only the prompts near the threshold. ``fail_rates``
+    (answer kind -> rate) overrides ``fail_rate`` for the kinds it names.
     """
     seed = answer_seed(model, messages, response_format)
     rng = random.Random(seed)
-    bad = rng.random() < fail_rate
     prompt, system = prompt_of(messages)
     kind = infer_kind(prompt, system, response_format)
+    bad = rng.random() < (fail_rates or {}).get(kind, fail_rate)
     if kind == "json":
         content, variant = _json_answer(rng, bad, prompt, response_format)
     elif kind == "choices":

@@ -25,6 +25,10 @@ class SimModel:
     """Behaviour of one simulated model. Rates are probabilities in [0, 1]."""
 
     fail_rate: float = 0.0
+    fail_rates: dict[str, float] = field(default_factory=dict)
+    """Per answer kind (``json``, ``choices``, ``summary``, ``code``, ``text``, see
+    ``answers.KINDS``), overriding ``fail_rate``: real models are bad at some tasks and good
+    at others, which is what the adaptive cascade (``batchroute.cascade``) learns."""
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     error_rates: dict[int, float] = field(default_factory=dict)
@@ -72,6 +76,8 @@ class SimModel:
             kwargs["context_window"] = window
         if "error_rates" in d:
             kwargs["error_rates"] = _error_rates(d["error_rates"], f"{where}.error_rates")
+        if "fail_rates" in d:
+            kwargs["fail_rates"] = _fail_rates(d["fail_rates"], f"{where}.fail_rates")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +102,13 @@ class SimConfig:
     seed: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    window_s: float = 60.0
+    """Length of the sliding window rpm/tpm are counted over. Real providers count per
+    minute; tests shorten it (with the client's ``rate_window_s``) to cover several windows
+    in seconds."""
+    replay: str | None = None
+    """A replay dataset (JSONL, see ``batchroute.replay``): when set, completions return the
+    recorded answers of real models instead of made-up ones (see ``sim/replay.py``)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SimConfig:
@@ -104,7 +117,8 @@ class SimConfig:
         where = "simulator"
         if not isinstance(d, dict):
             raise SimConfigError(f"{where}: expected a table, got {d!r}")
-        unknown = sorted(set(d) - {"models", "default", "seed", "rpm", "tpm"})
+        unknown = sorted(set(d) - {"models", "default", "seed", "rpm", "tpm", "window_s",
+                                  "replay"})
         if unknown:
             raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
         models_t = d.get("models", {})
@@ -122,6 +136,8 @@ class SimConfig:
             seed=seed,
             rpm=_limit(d.get("rpm"), f"{where}.rpm"),
             tpm=_limit(d.get("tpm"), f"{where}.tpm"),
+            window_s=_window(d.get("window_s", 60.0), f"{where}.window_s"),
+            replay=_replay_path(d.get("replay"), f"{where}.replay"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +147,8 @@ class SimConfig:
             "seed": self.seed,
             "rpm": self.rpm,
             "tpm": self.tpm,
+            "window_s": self.window_s,
+            "replay": self.replay,
         }
 
     def model(self, name: str) -> SimModel:
@@ -167,6 +185,33 @@ def _limit(value: Any, where: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SimConfigError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _replay_path(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SimConfigError(f"{where}: expected the path of a replay JSONL file, got {value!r}")
+    return value
+
+
+def _window(value: Any, where: str) -> float:
+    window = _number(value, where)
+    if window <= 0:
+        raise SimConfigError(f"{where}: must be > 0, got {value!r}")
+    return window
+
+
+def _fail_rates(value: Any, where: str) -> dict[str, float]:
+    from batchroute.sim.answers import KINDS
+
+    if not isinstance(value, dict):
+        raise SimConfigError(f"{where}: expected a table of answer kind -> rate, got {value!r}")
+    unknown = sorted(set(value) - set(KINDS))
+    if unknown:
+        raise SimConfigError(f"{where}: unknown answer kind(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(KINDS)})")
+    return {str(kind): _rate(rate, f"{where}.{kind}") for kind, rate in value.items()}
 
 
 def _error_rates(value: Any, where: str) -> dict[int, float]:

@@ -11,14 +11,16 @@ import copy
 import random
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from batchroute.replay import ReplayFormatError, ReplayIndex
+from batchroute.sim import replay as sim_replay
 from batchroute.sim import tokens
 from batchroute.sim.answers import Answer, generate_answer, logprobs_for
-from batchroute.sim.config import SimConfig, SimModel
+from batchroute.sim.config import SimConfig, SimConfigError, SimModel
 from batchroute.sim.limits import Decision, Limit, RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -37,6 +39,7 @@ class ChatRequest:
     max_tokens: int | None = None
     logprobs: bool = False
     stop: tuple[str, ...] = ()
+    n: int = 1  # choices asked for (OpenAI ``n``)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Success:
     logprobs: list[tuple[str, bytes, float]] | None = None
     malformed: bool = False
     limits: Decision | None = None
+    alternatives: tuple[str, ...] = ()  # contents of choices 1..n-1
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,16 @@ class SimEngine:
         self.config = copy.deepcopy(config)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(window_s=self.config.window_s)
         self._faults = random.Random(self.config.seed)
         self._stats = _new_stats()
+        self.replay: ReplayIndex | None = None
+        if self.config.replay:
+            try:
+                self.replay = ReplayIndex.load(self.config.replay)
+            except (OSError, ReplayFormatError) as e:
+                raise SimConfigError(f"simulator.replay: cannot load {self.config.replay!r}: "
+                                     f"{e}") from e
 
     # --- control ---------------------------------------------------------------------
 
@@ -141,6 +152,8 @@ class SimEngine:
     # --- the request path ------------------------------------------------------------
 
     def complete(self, req: ChatRequest) -> Outcome:
+        if self.replay is not None:
+            return self._replay(req)
         with self.lock:
             model = self.config.model(req.model)
             limits = [
@@ -152,7 +165,8 @@ class SimEngine:
             return Failure(400, "context_length",
                            f"This model's maximum context length is {model.context_window} "
                            f"tokens. However, your messages resulted in {prompt_tokens} tokens.")
-        answer = generate_answer(req.model, req.messages, req.response_format, model.fail_rate)
+        answer = generate_answer(req.model, req.messages, req.response_format, model.fail_rate,
+                                 model.fail_rates)
         # Reserve what the provider would: the prompt plus max_tokens, else the real answer.
         reserve = prompt_tokens + (
             req.max_tokens if req.max_tokens is not None else tokens.count_text(answer.content)
@@ -172,7 +186,37 @@ class SimEngine:
             )
             return Failure(429, "rate_limit", message, retry_after_s=decision.retry_after_s,
                            limit_type=kind, limits=decision)
-        return self._serve(req, model, answer, prompt_tokens, draws, decision)
+        outcome = self._serve(req, model, answer, prompt_tokens, draws, decision)
+        if req.n > 1 and isinstance(outcome, Success):
+            # Further samples: the same prompt under another seed, so each sample is good
+            # or bad independently, as sampling a real model at temperature > 0 is.
+            extra = tuple(generate_answer(f"{req.model}\0sample{i}", req.messages,
+                                          req.response_format, model.fail_rate,
+                                          model.fail_rates).content
+                          for i in range(1, req.n))
+            outcome = replace(outcome, alternatives=extra, completion_tokens=(
+                outcome.completion_tokens + sum(tokens.count_text(x) for x in extra)))
+        return outcome
+
+    def _replay(self, req: ChatRequest) -> Outcome:
+        """Serve the recorded answer and usage as recorded: latency applies, injected faults
+        and rate limits do not (they exercise other code and would perturb the figures a
+        replay exists to measure)."""
+        assert self.replay is not None
+        found = sim_replay.lookup(self.replay, req.model, req.messages, req.n)
+        if isinstance(found, sim_replay.ReplayMiss):
+            return Failure(found.status, "replay_miss", found.message)
+        with self.lock:
+            model = self.config.model(req.model)
+        self.wait(max(0.0, model.latency_ms) / 1000)
+        with self.lock:
+            self._stats["answers"]["replayed"] += 1
+            self._stats["tokens"]["prompt"] += found.prompt_tokens
+            self._stats["tokens"]["completion"] += found.completion_tokens
+        return Success(content=found.contents[0], finish_reason="stop",
+                       prompt_tokens=found.prompt_tokens,
+                       completion_tokens=found.completion_tokens,
+                       alternatives=found.contents[1:])
 
     def _serve(self, req: ChatRequest, model: SimModel, answer: Answer, prompt_tokens: int,
                draws: list[float], decision: Decision) -> Outcome:

@@ -107,6 +107,14 @@ def _stops(value: Any, name: str) -> tuple[str, ...]:
                    name)
 
 
+def _check_n(value: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ApiError(400, "invalid_request", "'n' must be an integer between 1 and 128", "n")
+    return value
+
+
 def _request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
@@ -122,6 +130,7 @@ _OPENAI_TYPES = {
     "server_error": ("server_error", "server_error"),
     "overloaded": ("server_error", "overloaded"),
     "injected": ("api_error", None),
+    "replay_miss": ("invalid_request_error", "replay_miss"),
 }
 
 
@@ -149,6 +158,7 @@ class OpenAIProtocol:
             max_tokens=_check_max_tokens(body.get(name), name),
             logprobs=bool(body.get("logprobs")),
             stop=_stops(body.get("stop"), "stop"),
+            n=_check_n(body.get("n")),
         )
 
     def error(self, status: int, kind: str, message: str, param: str | None = None,
@@ -187,7 +197,10 @@ class OpenAIProtocol:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": req.model,
-            "choices": [choice],
+            "choices": [choice] + [
+                {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                 "logprobs": None, "finish_reason": "stop"}
+                for i, text in enumerate(outcome.alternatives, start=1)],
             "usage": {
                 "prompt_tokens": outcome.prompt_tokens,
                 "completion_tokens": outcome.completion_tokens,
