@@ -1,0 +1,148 @@
+"""Budgets: reservations that concurrent workers cannot overshoot, and resumable refusals."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchroute.budget import (
+    BudgetConfig,
+    BudgetGuard,
+    BudgetRefused,
+    MemoryBudgets,
+    RedisBudgets,
+    fits,
+    near_limit,
+)
+from batchroute.config import load_config
+from batchroute.embedded import run_file
+from batchroute.store import Store, get_engine
+
+from .conftest import EXAMPLE, wait_for
+
+
+def test_reservation_math() -> None:
+    assert fits(0.5, 0.3, 0.2, 1.0)
+    assert not fits(0.5, 0.3, 0.21, 1.0)
+    assert near_limit(0.8, 0.05, 0.06, 1.0, 0.9)
+    assert not near_limit(0.8, 0.0, 0.05, 1.0, 0.9)
+
+
+def guard(batch_limit: float | None = None, **cfg: Any) -> BudgetGuard:
+    return BudgetGuard(BudgetConfig(**cfg), MemoryBudgets(), lambda _b: batch_limit,
+                       lambda _scope: 0.0)
+
+
+def test_threads_never_reserve_past_the_limit() -> None:
+    g = guard(batch_limit=1.0)
+    granted: list[int] = []
+
+    def worker() -> None:
+        for _ in range(50):
+            try:
+                g.hold("b", 0.03, escalating=False)
+                granted.append(1)
+            except BudgetRefused:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 33  # floor(1.0 / 0.03): not one more, whatever the interleaving
+
+
+def test_settle_replaces_the_reservation_with_the_actual_cost() -> None:
+    g = guard(batch_limit=1.0)
+    h = g.hold("b", 0.6, escalating=False)
+    with pytest.raises(BudgetRefused, match="batch b budget"):
+        g.hold("b", 0.6, escalating=False)
+    g.settle(h, 0.1)
+    assert g.status("b") == [{"budget": "batch b", "limit_usd": 1.0, "spent_usd": 0.1,
+                              "reserved_usd": 0.0}]
+    g.hold("b", 0.6, escalating=False)  # fits again now the first call cost less
+
+
+def test_escalation_stops_near_the_limit_first_attempts_go_on() -> None:
+    g = guard(batch_limit=1.0, near_limit=0.5)
+    g.settle(g.hold("b", 0.45, escalating=False), 0.45)
+    with pytest.raises(BudgetRefused, match="escalation to a dearer tier stopped"):
+        g.hold("b", 0.1, escalating=True)
+    g.hold("b", 0.1, escalating=False)
+
+
+def test_project_budget_applies_to_every_batch() -> None:
+    g = guard(project_usd=0.5)
+    g.settle(g.hold("b1", 0.4, escalating=False), 0.4)
+    with pytest.raises(BudgetRefused, match="project budget"):
+        g.hold("b2", 0.2, escalating=False)
+
+
+def test_counters_start_from_the_sql_ledger() -> None:
+    g = BudgetGuard(BudgetConfig(), MemoryBudgets(), lambda _b: 1.0, lambda _scope: 0.95)
+    with pytest.raises(BudgetRefused):
+        g.hold("b", 0.1, escalating=False)
+
+
+def test_budget_exhausted_jobs_resume_when_the_budget_is_raised(tmp_path: Path) -> None:
+    store = Store(get_engine(f"sqlite:///{tmp_path / 'b.db'}"))
+    config = load_config()
+    first = run_file(EXAMPLE, tmp_path / "o1.jsonl", tmp_path / "e1.jsonl", config,
+                     store=store, budget_usd=0.005)
+    r1 = first.report
+    exhausted = [j for j in store.iter_jobs(r1["batch_id"])
+                 if (j.error or {}).get("code") == "budget_exhausted"]
+    assert exhausted, "a $0.005 budget cannot cover 300 jobs"
+    attempts = store.attempts(r1["batch_id"])
+    max_call = max(a.cost_usd for a in attempts)
+    assert r1["cost_usd"] <= 0.005 + max_call
+    errs = [json.loads(x) for x in (tmp_path / "e1.jsonl").read_text().splitlines()]
+    assert any(e["error"]["code"] == "budget_exhausted" and "raise it" in e["error"]["message"]
+               for e in errs)
+    done_before = {j.id: len(store.job_attempts(j.id)) for j in store.iter_jobs(r1["batch_id"])
+                   if j.state == "succeeded"}
+
+    second = run_file(EXAMPLE, tmp_path / "o2.jsonl", None, config, store=store, budget_usd=1.0)
+    r2 = second.report
+    assert r2["succeeded"] + r2["failed"] == r2["jobs"]
+    assert not [j for j in store.iter_jobs(r2["batch_id"])
+                if (j.error or {}).get("code") == "budget_exhausted"]
+    for job_id, n in done_before.items():  # finished jobs did not run again
+        assert len(store.job_attempts(job_id)) == n
+
+
+@pytest.mark.integration
+def test_concurrent_workers_never_overspend(start_worker: Any, redis_url: str,
+                                            tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchroute.cli import main
+
+    budget = 0.01
+    workers = [start_worker(concurrency=16) for _ in range(2)]
+    res = CliRunner().invoke(main, ["submit", str(EXAMPLE), "--budget-usd", str(budget),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    batch_id, jobs = json.loads(res.stdout)["batch_id"], json.loads(res.stdout)["jobs"]
+    store = Store()
+
+    def finished() -> bool:
+        c = store.state_counts(batch_id)
+        return c.get("succeeded", 0) + c.get("failed", 0) == jobs
+
+    wait_for(finished, 120, "the budgeted batch to end; " + workers[0].log()[-2000:])
+    attempts = store.attempts(batch_id)
+    spent = sum(a.cost_usd for a in attempts)
+    assert spent <= budget + max(a.cost_usd for a in attempts)
+    assert store.state_counts(batch_id).get("failed", 0) > 0  # the budget did bind
+    import redis
+
+    spent_redis, reserved = RedisBudgets(redis.Redis.from_url(redis_url)).usage(
+        f"batch:{batch_id}", lambda: 0.0)
+    assert spent_redis == pytest.approx(spent, abs=1e-9)  # counters reconcile to the ledger
+    assert reserved == pytest.approx(0.0, abs=1e-12)
