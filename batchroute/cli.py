@@ -18,8 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchroute.cli_recovery import cancel, recover, resume
+from batchroute.cli_recovery import find_batch_or_fail as _batch
 from batchroute.config import Config, ConfigError, load_config
 from batchroute.logs import configure_logging
+from batchroute.metrics import metrics
 from batchroute.store import FINISHED, Batch, Store
 
 console = Console(stderr=True)
@@ -39,14 +42,6 @@ class Ctx:
             except ConfigError as e:
                 raise click.ClickException(f"config: {e}") from None
         return self._config
-
-
-def _batch(store: Store, ref: str) -> Batch:
-    batch = store.find_batch(ref)
-    if batch is None:
-        raise click.ClickException(f"no batch {ref!r} in {store.engine.url!r}; "
-                                   "`batchroute submit FILE` prints the batch id")
-    return batch
 
 
 def _progress() -> Progress:
@@ -94,11 +89,17 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
               help="Also write the report as JSON to this path.")
 @click.option("--concurrency", default=16, show_default=True, help="Jobs in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--strict", is_flag=True,
+              help="Refuse the whole file on its first bad line (nothing is run).")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
+              help="Spend at most this much on the batch; jobs past it end budget_exhausted "
+                   "(run again with a higher budget to finish them).")
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
-        concurrency: int, as_json: bool) -> None:
+        concurrency: int, as_json: bool, strict: bool, budget_usd: float | None) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
+    from batchroute.ingest import BatchInputError
 
     with _progress() as progress:
         bar = progress.add_task("jobs", total=None, detail="")
@@ -116,8 +117,9 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
 
         try:
             outcome = run_file(file, output, errors, obj.config, concurrency=concurrency,
-                               on_ingested=ingested, on_progress=advance)
-        except ConfigError as e:
+                               on_ingested=ingested, on_progress=advance, strict=strict,
+                               budget_usd=budget_usd)
+        except (ConfigError, BatchInputError) as e:
             raise click.ClickException(str(e)) from None
     if report_json:
         report_json.write_text(json.dumps(outcome.report, indent=2))
@@ -142,24 +144,37 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="A readable name for the batch (default: the file name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--strict", is_flag=True,
+              help="Refuse the whole file on its first bad line (nothing is stored).")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
+              help="Spend at most this much on the batch; jobs past it end budget_exhausted "
+                   "(resume with a higher budget to finish them).")
 @click.pass_obj
-def submit(obj: Ctx, file: Path, name: str | None, as_json: bool) -> None:
+def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
+           budget_usd: float | None) -> None:
     """Store FILE's jobs and put them on the queues; prints the batch id.
 
     Submitting the same file again finds the same batch and adds nothing twice.
     """
+    from kombu.exceptions import OperationalError
+
     from batchroute.dispatch import CeleryDispatcher
-    from batchroute.ingest import ingest_file
+    from batchroute.ingest import BatchInputError, count_lines, file_batch_id, ingest_file
 
     store = Store()
     try:
         with _progress() as progress:
-            bar = progress.add_task("submitting", total=None, detail="")
+            bar = progress.add_task("submitting", total=count_lines(file), detail="")
             result = ingest_file(obj.config, store, CeleryDispatcher(), file, name,
-                                 progress=lambda n: progress.advance(bar, n))
-    except OSError as e:  # broker down
-        raise click.ClickException(f"cannot reach the broker ({e}); is Redis running at "
-                                   "$BATCHROUTE_BROKER_URL?") from None
+                                 progress=lambda n: progress.advance(bar, n), strict=strict,
+                                 budget_usd=budget_usd)
+    except BatchInputError as e:
+        raise click.ClickException(str(e)) from None
+    except (OSError, OperationalError) as e:  # broker down
+        raise click.ClickException(
+            f"cannot reach the broker ({e}); is Redis running at $BATCHROUTE_BROKER_URL? "
+            f"The jobs stored so far are safe: `batchroute resume {file_batch_id(file)}` "
+            "finishes the submission once the broker is back") from None
     if result.problem_count and not as_json:
         _show_problems(result.problems, result.problem_count)
     if as_json:
@@ -184,8 +199,9 @@ def _status_data(store: Store, batch: Batch) -> dict[str, Any]:
 @click.argument("batch")
 @click.option("--watch", is_flag=True, help="Follow progress until the batch is done.")
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
-def status(batch: str, watch: bool, as_json: bool) -> None:
-    """Show how far BATCH has got."""
+@click.pass_obj
+def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
+    """Show how far BATCH has got, and each rate-limit pool's use against its limits."""
     store = Store()
     b = _batch(store, batch)
     data = _status_data(store, b)
@@ -200,6 +216,9 @@ def status(batch: str, watch: bool, as_json: bool) -> None:
                 if data["done"] >= data["jobs"]:
                     break
                 time.sleep(0.5)
+    data["pools"], pools_problem = _pools(obj)
+    if pools_problem:
+        data["pools_error"] = pools_problem
     if as_json:
         _print_json(data)
         return
@@ -210,6 +229,38 @@ def status(batch: str, watch: bool, as_json: bool) -> None:
         table.add_row(state, str(n))
     table.add_row("bad lines", str(b.error_lines))
     out.print(table)
+    _show_pools(data["pools"], pools_problem)
+
+
+def _pools(obj: Ctx) -> tuple[list[dict[str, Any]], str | None]:
+    from batchroute.ratelimit import pool_status
+
+    try:
+        return pool_status(obj.config)
+    except click.ClickException as e:  # an unreadable config must not hide the batch
+        return [], e.message
+
+
+def _show_pools(pools: list[dict[str, Any]], problem: str | None) -> None:
+    """Rate-limit pools (shared by all workers): use in the current window vs limits."""
+    if problem:
+        console.print(f"[yellow]{problem}[/yellow]", highlight=False)
+    if not pools:
+        return
+    t = Table(title="rate-limit pools (all workers, last window)")
+    for col in ("pool", "requests", "tokens", "in flight", "deferred", "blocked"):
+        t.add_column(col, justify="left" if col == "pool" else "right")
+
+    def use(used: int, limit: int | None, pct: float | None) -> str:
+        return f"{used} / {limit} ({pct:.0f}%)" if limit else f"{used}"
+
+    for p in pools:
+        t.add_row(f"{p['pool']} ({p['window_s']:g} s)",
+                  use(p["requests"], p["rpm"], p["requests_pct"]),
+                  use(p["tokens"], p["tpm"], p["tokens_pct"]),
+                  use(p["in_flight"], p["max_concurrency"], p["in_flight_pct"]),
+                  str(p["deferred"]), f"{p['blocked_s']:.1f} s" if p["blocked_s"] else "-")
+    out.print(t)
 
 
 @main.command()
@@ -232,17 +283,72 @@ def results(batch: str, output: Path, errors: Path | None) -> None:
 @main.command()
 @click.argument("batch")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained HTML report with charts to this path.")
 @click.pass_obj
-def report(obj: Ctx, batch: str, as_json: bool) -> None:
+def report(obj: Ctx, batch: str, as_json: bool, html_path: Path | None) -> None:
     """What BATCH spent, what it saved against its reference models, and where jobs ended."""
     from batchroute.reports import batch_report
 
     store = Store()
     data = batch_report(store, obj.config, _batch(store, batch).id)
+    if html_path is not None:
+        from batchroute.html_report import render_html
+        from batchroute.results import atomic_writer
+
+        with atomic_writer(html_path) as f:
+            f.write(render_html(data))
+        console.print(f"HTML report: {html_path}")
     if as_json:
         _print_json(data)
     else:
         _show_report(data)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--completion-ratio", type=click.FloatRange(0, 1), default=0.25,
+              show_default=True,
+              help="Answer tokens as a share of max_tokens, for tasks with no history.")
+@click.option("--prior-pass-rate", type=click.FloatRange(0, 1), default=0.8,
+              show_default=True,
+              help="Share of answers a tier passes, where the store has no history.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@click.pass_obj
+def estimate(obj: Ctx, file: Path, completion_ratio: float, prior_pass_rate: float,
+             as_json: bool) -> None:
+    """Dry run: tokens and predicted cost of FILE per tier, routed, and for the baseline.
+
+    Nothing is stored or called. Pass rates and answer lengths come from the store's
+    history of earlier batches when it has enough.
+    """
+    from batchroute.estimate import Assumptions, estimate_file
+
+    data = estimate_file(obj.config, file, Store(),
+                         Assumptions(completion_ratio=completion_ratio,
+                                     prior_pass_rate=prior_pass_rate))
+    if as_json:
+        _print_json(data)
+        return
+    if data["bad_lines"]:
+        _show_problems([(p["line"], p["reason"]) for p in data["problems"]], data["bad_lines"])
+    t = Table(title=f"estimate for {file.name}: {data['jobs']} jobs", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    rc = data["routed_cost_usd"]
+    for k, v in [("prompt tokens", f"{data['prompt_tokens']:,}"),
+                 ("answer tokens (expected / max)",
+                  f"{data['completion_tokens_expected']:,} / {data['completion_tokens_max']:,}"),
+                 *((f"all on tier {k} ({v['model']})", f"${v['cost_usd']:.4f}")
+                   for k, v in data["per_tier"].items()),
+                 ("routed: expected", f"${rc['expected']:.4f}"),
+                 ("routed: range", f"${rc['low']:.4f} – ${rc['high']:.4f}"),
+                 ("baseline (reference models)", f"${data['baseline_cost_usd']:.4f}"),
+                 ("expected savings", f"{data['expected_savings_pct']:.1f}%"),
+                 ("answer tokens from", data["assumptions"]["answer_tokens"]),
+                 ("pass rates from", data["assumptions"]["pass_rates"])]:
+        t.add_row(k, str(v))
+    out.print(t)
 
 
 def _show_report(r: dict[str, Any]) -> None:
@@ -267,32 +373,135 @@ def _show_report(r: dict[str, Any]) -> None:
     out.print(head)
     for key in ("by_tier", "by_model", "by_task"):
         t = Table(title=key.replace("_", " "))
-        for col in ("", "jobs", "succeeded", "attempts", "tokens", "cost"):
+        for col in ("", "jobs", "succeeded", "attempts", "tokens", "cost", "cost/accepted"):
             t.add_column(col, justify="left" if not col else "right")
         for name, b in r[key].items():
             t.add_row(name, str(b["jobs"]), str(b["succeeded"]), str(b["attempts"]),
-                      str(b["tokens"]), f"${b['cost_usd']:.4f}")
+                      str(b["tokens"]), f"${b['cost_usd']:.4f}",
+                      _usd(b.get("cost_per_success_usd")))
         out.print(t)
+    _show_cascade(r.get("cascade"))
+
+
+def _usd(x: float | None, digits: int = 6) -> str:
+    return "-" if x is None else f"${x:.{digits}f}"
+
+
+def _show_cascade(c: dict[str, Any] | None) -> None:
+    """Per task and tier: this batch's pass rate and costs, then what the adaptive router
+    decides now from its window of history, with the expected costs it compared."""
+    if not c or not c.get("tasks"):
+        return
+    mine = Table(title="per task and tier (this batch)")
+    for col in ("task", "tier", "answered", "pass rate", "$/attempt", "accepted", "$/accepted"):
+        mine.add_column(col, justify="left" if col == "task" else "right")
+    state = "on" if c["enabled"] else "off, shown: what it would do"
+    router = Table(title=f"adaptive cascade ({state}; min {c['min_observations']} obs, "
+                         f"explore {100 * c['explore_rate']:g}%, window {c['window']})")
+    for col in ("task", "tier", "obs", "pass rate", "E(try)", "E(skip)", "decision"):
+        router.add_column(col, justify="left" if col in ("task", "decision") else "right")
+    for task, tc in c["tasks"].items():
+        for tier, row in tc["tiers"].items():
+            mine.add_row(task, tier, str(row["answered"]),
+                         "-" if row["pass_rate"] is None else f"{100 * row['pass_rate']:.1f}%",
+                         _usd(row["mean_cost_usd"]), str(row["accepted"]),
+                         _usd(row["cost_per_accepted_usd"]))
+            rt = row.get("router")
+            if not rt:
+                continue
+            decision = ("skip" if rt["skipped"] else "top" if rt["expected_if_skipped_usd"]
+                        is None else "cold" if rt["pass_rate"] is None else "try")
+            router.add_row(task, tier, str(rt["observations"]),
+                           "-" if rt["pass_rate"] is None else f"{100 * rt['pass_rate']:.1f}%",
+                           _usd(rt["expected_if_tried_usd"]),
+                           _usd(rt["expected_if_skipped_usd"]), decision)
+    out.print(mine)
+    out.print(router)
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True)
+@click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Answer with the recorded answers of this replay JSONL file "
+                   "(overrides [simulator] replay).")
 @click.pass_obj
-def sim(obj: Ctx, host: str, port: int) -> None:
+def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
     """Serve the simulated provider (OpenAI- and Anthropic-compatible) over HTTP.
 
     Its behaviour comes from the config's [simulator] section; point a provider's
-    base_url at http://HOST:PORT/v1 to use it from workers.
+    base_url at http://HOST:PORT/v1 to use it from workers. In replay mode it answers
+    only the recorded prompts, with the recorded answers and token usage.
     """
-    from batchroute.sim import SimConfig, serve_forever
+    from batchroute.sim import SimConfig, SimConfigError, serve_forever
 
-    console.print(f"simulated provider on http://{host}:{port}/v1 (Ctrl-C to stop)")
+    settings = dict(obj.config.simulator)
+    if replay is not None:
+        settings["replay"] = str(replay.resolve())
     try:
-        serve_forever(SimConfig.from_dict(obj.config.simulator), host, port)
+        sim_config = SimConfig.from_dict(settings)
+    except SimConfigError as e:
+        raise click.ClickException(str(e)) from None
+    console.print(f"simulated provider on http://{host}:{port}/v1 (Ctrl-C to stop)"
+                  + (f", replaying {sim_config.replay}" if sim_config.replay else ""))
+    try:
+        serve_forever(sim_config, host, port)
+    except SimConfigError as e:
+        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         sys.exit(0)
 
+
+@main.command()
+@click.argument("train", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the calibrated routing config (TOML).")
+@click.option("--target", default=None,
+              help="best-accuracy (default: at least the best single model's accuracy), "
+                   "an accuracy such as 0.9, or a share of the best model's such as 95%.")
+@click.option("--max-cost-usd", type=float, default=None,
+              help="Instead of an accuracy target: mean USD per query, at best accuracy.")
+@click.option("--max-rungs", default=3, show_default=True, help="Longest ladder to consider.")
+@click.option("--cv", "cv_folds", default=5, show_default=True,
+              help="Folds to choose ladder length and safety margin by cross-validation "
+                   "on TRAIN (0: no cross-validation).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the cross-validation folds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+@click.pass_obj
+def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
+              max_cost_usd: float | None, max_rungs: int, cv_folds: int, seed: int,
+              as_json: bool) -> None:
+    """Fit the cheapest routing policy that meets a target on TRAIN, a labelled replay file.
+
+    The routing config (--config) prices the models and lists the checks each task may
+    use; the policy (ladder, checks per rung, consensus samples and votes) is written as
+    a routing config to run with: batchroute --config OUTPUT run BATCH -o OUT.
+    Only TRAIN is read: evaluate the result on queries it has not seen.
+    """
+    from batchroute import calibrate as cal
+    from batchroute.replay import ReplayFormatError, load_records
+
+    try:
+        records = load_records(train)
+        result = cal.calibrate(records, obj.config, cal.Target.parse(target, max_cost_usd),
+                               max_rungs=max_rungs, source=str(train), cv_folds=cv_folds,
+                               seed=seed)
+        data = cal.policy_config(result, obj.config, cal.load_raw_config(obj.config))
+        output.write_text(cal.to_toml(data, cal.header(result)), "utf-8")
+    except (cal.CalibrationError, ReplayFormatError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        _print_json(result.to_dict() | {"output": str(output)})
+        return
+    for line in cal.header(result).splitlines()[1:]:
+        click.echo(line.removeprefix("# "), err=True)
+    click.echo(f"wrote {output}", err=True)
+
+
+main.add_command(cancel)
+main.add_command(metrics)
+main.add_command(resume)
+main.add_command(recover)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

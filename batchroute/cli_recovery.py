@@ -19,7 +19,7 @@ from batchroute.store import Batch, Store
 console = Console(stderr=True)
 
 
-def _find(store: Store, ref: str) -> Batch:
+def find_batch_or_fail(store: Store, ref: str) -> Batch:
     batch = store.find_batch(ref)
     if batch is None:
         raise click.ClickException(f"no batch {ref!r} in {store.engine.url!r}; "
@@ -67,7 +67,7 @@ def cancel(batch: str, as_json: bool) -> None:
     from batchroute.recovery import cancel_batch
 
     store = Store()
-    b = _find(store, batch)
+    b = find_batch_or_fail(store, batch)
     counts = cancel_batch(store, b.id)
     _emit({"batch_id": b.id, **counts}, as_json,
           f"batch {b.id}: {counts['cancelled_queued']} queued and "
@@ -89,7 +89,7 @@ def resume(obj: Any, batch: str, reclaim_running: bool, as_json: bool) -> None:
     from batchroute.recovery import resume_batch
 
     store = Store()
-    b = _find(store, batch)
+    b = find_batch_or_fail(store, batch)
     try:
         data = resume_batch(store, obj.config, _dispatcher(), b, broker=_broker(),
                             reclaim_running=reclaim_running)
@@ -123,7 +123,7 @@ def recover(obj: Any, batch: str | None, stale_after: float | None, max_lost: in
     from batchroute.recovery import sweep
 
     store = Store()
-    batch_id = _find(store, batch).id if batch else None
+    batch_id = find_batch_or_fail(store, batch).id if batch else None
     try:
         report = sweep(store, obj.config, _dispatcher(), batch_id=batch_id,
                        stale_after_s=stale_after, max_lost=max_lost, broker=_broker())

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from batchroute.breaker import BreakerConfig
+from batchroute.budget import BudgetConfig
+from batchroute.cascade import CascadeConfig, CascadeConfigError
 
 DEFAULT_CONFIG_NAME = "default.toml"
 SIM_BASE_URL = "sim://"
@@ -38,6 +40,9 @@ class ProviderConfig:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+    # The window rpm/tpm are counted over: 60 s at real providers; shorter only to test
+    # against a simulator whose [simulator] window_s is shorter (batchroute.ratelimit).
+    rate_window_s: float = 60.0
 
     @property
     def queue(self) -> str:
@@ -68,6 +73,10 @@ class ModelConfig:
     price_ref: str | None = None  # model id to look up in genai-prices
     price_provider: str | None = None  # genai-prices provider id
     context_window: int = 128_000
+    # Limits of this model alone, enforced on top of its provider's (batchroute.ratelimit).
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class Config:
     custom_validators: dict[str, str] = field(default_factory=dict)
     simulator: dict[str, Any] = field(default_factory=dict)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     source: str = "<default>"
 
     def task(self, name: str | None) -> TaskProfile:
@@ -141,10 +152,26 @@ def _parse_provider(name: str, t: dict[str, Any]) -> ProviderConfig:
         api_key_env=_get(t, "api_key_env", str, where, ""),
         timeout_s=float(_get(t, "timeout_s", (int, float), where, 60.0)),
         max_retries=_get(t, "max_retries", int, where, 2),
-        rpm=_get(t, "rpm", int, where, None),
-        tpm=_get(t, "tpm", int, where, None),
-        max_concurrency=_get(t, "max_concurrency", int, where, None),
+        rpm=_limit(t, "rpm", where),
+        tpm=_limit(t, "tpm", where),
+        max_concurrency=_limit(t, "max_concurrency", where),
+        rate_window_s=_positive(t, "rate_window_s", where, 60.0),
     )
+
+
+def _positive(t: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = float(_get(t, key, (int, float), where, default))
+    if value <= 0:
+        raise ConfigError(f"{where}.{key}: must be > 0, got {value:g}")
+    return value
+
+
+def _limit(t: dict[str, Any], key: str, where: str) -> int | None:
+    """An optional positive limit (rpm, tpm, max_concurrency): 0 would stop the pool forever."""
+    value = _get(t, key, int, where, None)
+    if value is not None and value < 1:
+        raise ConfigError(f"{where}.{key}: must be >= 1 (omit it for no limit), got {value}")
+    return value
 
 
 def _parse_price(where: str, t: dict[str, Any]) -> Price:
@@ -176,6 +203,9 @@ def _parse_model(name: str, t: dict[str, Any], providers: dict[str, ProviderConf
         price_ref=_get(t, "price_ref", str, where, None),
         price_provider=_get(t, "price_provider", str, where, None),
         context_window=_get(t, "context_window", int, where, 128_000),
+        rpm=_limit(t, "rpm", where),
+        tpm=_limit(t, "tpm", where),
+        max_concurrency=_limit(t, "max_concurrency", where),
     )
 
 
@@ -210,6 +240,15 @@ def _parse_task(name: str, t: dict[str, Any], tiers: list[int],
                        rules=tuple(rules))
 
 
+def _parse_cascade(t: Any) -> CascadeConfig:
+    if not isinstance(t, dict):
+        raise ConfigError(f"cascade: expected a table, got {t!r}")
+    try:
+        return CascadeConfig.from_dict(t)
+    except CascadeConfigError as e:
+        raise ConfigError(str(e)) from e
+
+
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Build a Config from parsed TOML, checking every cross-reference."""
     providers = {n: _parse_provider(n, t) for n, t in data.get("providers", {}).items()}
@@ -229,6 +268,8 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
         custom_validators=custom,
         simulator=dict(data.get("simulator", {})),
         breaker=BreakerConfig.from_dict(data.get("breaker", {})),
+        budget=BudgetConfig.from_dict(data.get("budget", {})),
+        cascade=_parse_cascade(data.get("cascade", {})),
         source=source,
     )
     from batchroute.pricing import check_prices
@@ -254,7 +295,19 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from e
+    if path is not None:
+        _anchor_replay_path(data, Path(path).resolve().parent)
     return parse_config(data, source)
+
+
+def _anchor_replay_path(data: dict[str, Any], base: Path) -> None:
+    """A relative ``[simulator] replay`` path means "next to this config file", so a
+    config and its replay file can be moved (or committed) together."""
+    sim = data.get("simulator")
+    replay = sim.get("replay") if isinstance(sim, dict) else None
+    if isinstance(sim, dict) and isinstance(replay, str) and replay and \
+            not Path(replay).is_absolute():
+        sim["replay"] = str(base / replay)
 
 
 def check_api_keys(config: Config, providers: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ embedded `batchroute run` behave exactly like the distributed deployment.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from batchroute.broker import TASK_NAME, make_celery
+from batchroute.publish import REDIS_SCHEMES, RedisBulkPublisher
 
 log = structlog.get_logger("batchroute.dispatch")
 
@@ -32,12 +34,20 @@ class CeleryDispatcher:
         from celery import Celery
 
         self.app: Celery = app if isinstance(app, Celery) else make_celery("batchroute-client")
+        self._bulk: RedisBulkPublisher | None = None
 
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
         self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
                            countdown=delay_s or None)
 
     def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
+        # On Redis: a chunk of ready-made protocol-2 messages in one pipeline (~70x faster
+        # than send_task per message; see batchroute.publish).
+        if self._bulk is None and str(self.app.conf.broker_url).startswith(REDIS_SCHEMES):
+            self._bulk = RedisBulkPublisher(self.app)
+        if self._bulk is not None:
+            self._bulk.publish(items)
+            return
         # One connection for the whole chunk instead of one per message.
         with self.app.producer_or_acquire() as producer:
             for job_id, attempt_no, queue in items:
@@ -55,11 +65,15 @@ class LocalDispatcher:
         self._pending = 0
         self._cond = threading.Condition()
         self.errors: list[BaseException] = []
+        # Delayed jobs (retry backoff, rate-limit deferrals) wait in a heap watched by one
+        # timer thread, not in a pool thread: waiting must not hold one of the slots.
+        self._delayed: list[tuple[float, int, str, int]] = []
+        self._seq = 0
+        self._timer: threading.Thread | None = None
+        self._closed = False
 
-    def _run(self, job_id: str, attempt_no: int, delay_s: float) -> None:
+    def _run(self, job_id: str, attempt_no: int, delay_s: float = 0.0) -> None:
         try:
-            if delay_s:
-                time.sleep(delay_s)
             assert self.handler is not None, "LocalDispatcher.handler is not set"
             self.handler(job_id, attempt_no)
         except BaseException as e:  # a bug must not hang join(): record it and go on
@@ -73,7 +87,33 @@ class LocalDispatcher:
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
         with self._cond:
             self._pending += 1
-        self._pool.submit(self._run, job_id, attempt_no, delay_s)
+            if delay_s > 0:
+                self._seq += 1
+                heapq.heappush(self._delayed,
+                               (time.monotonic() + delay_s, self._seq, job_id, attempt_no))
+                if self._timer is None:
+                    self._timer = threading.Thread(target=self._release_due, daemon=True,
+                                                   name="br-delayed")
+                    self._timer.start()
+                self._cond.notify_all()
+                return
+        self._pool.submit(self._run, job_id, attempt_no)
+
+    def _release_due(self) -> None:
+        """Hand delayed jobs to the pool when they are due."""
+        while True:
+            with self._cond:
+                while not self._closed and (
+                        not self._delayed or self._delayed[0][0] > time.monotonic()):
+                    due = self._delayed[0][0] if self._delayed else None
+                    self._cond.wait(None if due is None else max(0.0, due - time.monotonic()))
+                if self._closed:
+                    return
+                _, _, job_id, attempt_no = heapq.heappop(self._delayed)
+            try:
+                self._pool.submit(self._run, job_id, attempt_no)
+            except RuntimeError:  # the pool was shut down meanwhile
+                return
 
     def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
         for job_id, attempt_no, queue in items:
@@ -95,4 +135,7 @@ class LocalDispatcher:
         return True
 
     def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)

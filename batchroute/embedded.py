@@ -17,6 +17,7 @@ from batchroute.config import Config, check_api_keys, load_config
 from batchroute.dispatch import LocalDispatcher
 from batchroute.ingest import IngestResult, ingest_file
 from batchroute.pipeline import process_job
+from batchroute.recovery import reclaim_for_local_run
 from batchroute.reports import batch_report
 from batchroute.results import WriteSummary, write_results
 from batchroute.runtime import Runtime
@@ -34,7 +35,8 @@ class RunOutcome:
 def run_file(path: Path, out: Path, errors: Path | None = None, config: Config | None = None,
              store: Store | None = None, concurrency: int = 16,
              on_ingested: Callable[[IngestResult], None] | None = None,
-             on_progress: Callable[[dict[str, int]], None] | None = None) -> RunOutcome:
+             on_progress: Callable[[dict[str, int]], None] | None = None,
+             strict: bool = False, budget_usd: float | None = None) -> RunOutcome:
     config = config or load_config()
     check_api_keys(config)
     store = store or Store()
@@ -42,9 +44,10 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
     rt = Runtime(config, store, dispatcher)
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
     try:
-        ingest = ingest_file(config, store, None, path)
-        # Nobody else works on this batch: jobs left "running" by an interrupted run resume.
-        store.requeue_running(ingest.batch_id)
+        ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd)
+        # Nobody else works on this batch: jobs an interrupted run left "running" (and jobs
+        # cancelled) run again, at a new attempt number so the ledger keeps the old one.
+        reclaim_for_local_run(store, config, ingest.batch_id)
         queued = store.queued_jobs(ingest.batch_id)
         dispatcher.enqueue_many([(i, n, config.providers[p].queue) for i, n, p in queued])
         if on_ingested is not None:

@@ -14,15 +14,25 @@ from typing import Any
 
 import structlog
 
-from batchroute import policy, pricing
-from batchroute.completion import Completion
+from batchroute import consensus, policy, pricing
+from batchroute.adaptive import cascade_start
+from batchroute.budget import BudgetRefused
+from batchroute.completion import Completion, Usage
 from batchroute.config import ModelConfig
 from batchroute.policy import Action, Decision, Position
 from batchroute.providers import ProviderError, call
+from batchroute.ratelimit import Grant
 from batchroute.router import pick_model
 from batchroute.runtime import Runtime
 from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job
-from batchroute.validators import build_validators, failure_reason, passed, run_validators
+from batchroute.tokens import max_completion
+from batchroute.validators import (
+    build_validators,
+    failure_reason,
+    passed,
+    run_validators,
+    specs_for_tier,
+)
 
 log = structlog.get_logger("batchroute.pipeline")
 
@@ -38,22 +48,45 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
     if job.model not in rt.config.models:
         return _finish_failed(rt, job, "unknown_model",
                               f"model {job.model!r} is not in the routing config any more")
+    if attempt_no == 1 and rt.cascade.enabled:  # the adaptive cascade may skip the start tier
+        job, moved = cascade_start(rt, job)
+        if moved is not None:
+            return moved
+        jlog = jlog.bind(tier=job.tier)
     model = _choose_model(rt, job)
     if model is None:
         return _no_model_now(rt, job)
     jlog = jlog.bind(model=model.name)
     provider = rt.config.provider_of(model)
+    specs = _validator_specs(rt, job, model.tier)
+    # A consensus check asks for its k samples as n choices of this one call.
+    body = consensus.with_samples(job.body, specs)
+    try:  # reserve this call's most expensive outcome under every budget that applies
+        hold = rt.budget.hold(job.batch_id, _max_cost(job, body, model), bool(job.escalations))
+    except BudgetRefused as e:
+        jlog.warning("budget_refused", reason=e.message)
+        return _finish_failed(rt, job, "budget_exhausted", e.message, model=model.name,
+                              provider=model.provider)
+    grant = rt.limiter.acquire(model, provider, job)  # may sleep up to ~1 s for capacity
+    if grant.deferred:
+        rt.budget.settle(hold, 0.0)
+        return _wait_for_capacity(rt, job, grant, jlog)
     completion: Completion | None = None
     error: ProviderError | None = None
     try:
-        completion = call(rt.client, provider, rt.base_url(provider), model.api_model, job.body)
+        completion = call(rt.client, provider, rt.base_url(provider), model.api_model, body)
     except ProviderError as e:
         error = e
+    finally:
+        rt.limiter.settle(grant, completion, error)  # reconcile tokens, free the slot
     _feed_breaker(rt, model, error, jlog)
 
     attempt = _attempt_row(job, model, attempt_no, completion, error)
+    rt.budget.settle(hold, attempt.cost_usd)
     if completion is not None:
-        verdicts = run_validators(_validators(rt, job), completion)
+        completion = consensus.majority_first(completion, specs)  # the voted answer first
+        verdicts = run_validators(build_validators(specs, rt.config.custom_validators),
+                                  completion)
         ok = passed(verdicts)
         attempt.outcome = "ok" if ok else "invalid"
         attempt.reason = "" if ok else failure_reason(verdicts)
@@ -125,11 +158,34 @@ def _no_model_now(rt: Runtime, job: Job) -> str:
                           f"cooldown after {waited} waits")
 
 
-def _validators(rt: Runtime, job: Job) -> list[Any]:
+def _max_cost(job: Job, body: dict[str, Any], model: ModelConfig) -> float:
+    """The most this call can cost: the prompt estimate plus a full max_tokens answer for
+    each of the n choices it asks for (consensus samples)."""
+    n = body.get("n", 1)
+    n = n if isinstance(n, int) else 1
+    return pricing.model_cost(model, Usage(job.prompt_tokens_est,
+                                           max_completion(body) * max(1, n)))
+
+
+def _wait_for_capacity(rt: Runtime, job: Job, grant: Grant, jlog: Any) -> str:
+    """The pool has no capacity for a while: give the worker slot back and re-publish
+    the job for when its turn comes (same attempt number: nothing was called)."""
+    assert grant.defer_s is not None
+    if rt.store.put_back(job.id, job.attempt_no):
+        rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[job.provider].queue,
+                              grant.defer_s)
+    jlog.info("rate_limited_deferred", pool=grant.pool, reason=grant.reason,
+              countdown_s=grant.defer_s, waited_s=round(grant.waited_s, 3))
+    return "throttled"
+
+
+def _validator_specs(rt: Runtime, job: Job, tier: int) -> list[dict[str, Any]]:
+    """The checks of an attempt at `tier`: the task profile's and the job's, each once,
+    minus those a ``"tiers"`` list limits to other tiers."""
     specs = list(rt.config.task(job.task).validators) + list(job.options.get("validators", []))
     # The same spec named by the profile and by the job runs once.
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
-    return build_validators(list(unique.values()), rt.config.custom_validators)
+    return specs_for_tier(list(unique.values()), tier)
 
 
 def _attempt_row(job: Job, model: ModelConfig, attempt_no: int, completion: Completion | None,
@@ -189,15 +245,21 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
         next_model = None
         if decision.action is Action.FAILOVER:
             next_model = pick_model(rt.config, job.ladder[tier_index], options.get("pin"), exclude)
-        while next_model is None and tier_index + 1 < len(job.ladder):
-            tier_index += 1
-            next_model = pick_model(rt.config, job.ladder[tier_index], options.get("pin"), exclude)
+        if next_model is None:  # up the ladder, past the tiers the adaptive cascade skips
+            for index in rt.cascade.escalation_order(job.id, job.task, job.ladder, tier_index):
+                next_model = pick_model(rt.config, job.ladder[index], options.get("pin"), exclude)
+                if next_model is not None:
+                    tier_index = index
+                    break
         if next_model is None:
             return _finish_failed(rt, job, "no_model_left",
                                   f"{decision.reason}; no model left on the ladder", verdict_rows)
         if next_model.tier != model.tier:
             escalations.append({"from_tier": model.tier, "to_tier": next_model.tier,
                                 "from_model": model.name, "reason": decision.reason[:300]})
+            passed_over = list(job.ladder[job.tier_index + 1:tier_index])
+            if passed_over:
+                escalations[-1]["skipped_tiers"] = passed_over
     options["exclude"] = sorted(exclude)
     assert next_model is not None
     moved = rt.store.transition(
@@ -213,8 +275,9 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
 
 def _finish_failed(rt: Runtime, job: Job, code: str, message: str,
                    verdicts: list[dict[str, Any]] | None = None, **values: Any) -> str:
+    # Without verdicts of its own (nothing was called), the job keeps those of its last attempt.
     rt.store.transition(job.id, job.attempt_no, state=FAILED,
-                        error={"code": code, "message": message}, verdicts=verdicts or [],
-                        **values)
+                        error={"code": code, "message": message},
+                        verdicts=job.verdicts if verdicts is None else verdicts, **values)
     log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)
     return "failed"

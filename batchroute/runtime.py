@@ -13,9 +13,12 @@ from typing import Any
 import httpx
 import structlog
 
+from batchroute.adaptive import Cascade
 from batchroute.breaker import Breakers, MemoryBreakers
+from batchroute.budget import BudgetBackend, BudgetGuard, MemoryBudgets
 from batchroute.config import Config, ProviderConfig, load_config
 from batchroute.dispatch import Dispatcher
+from batchroute.ratelimit import Limiter, MemoryBackend
 from batchroute.store import Store
 
 log = structlog.get_logger("batchroute.runtime")
@@ -23,11 +26,18 @@ log = structlog.get_logger("batchroute.runtime")
 
 class Runtime:
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 client: httpx.Client | None = None, breakers: Breakers | None = None) -> None:
+                 client: httpx.Client | None = None, breakers: Breakers | None = None,
+                 limiter: Limiter | None = None, budgets: BudgetBackend | None = None) -> None:
         self.config = config
         # In-process breakers unless the caller shares some (Redis) across workers.
         self.breakers: Breakers = breakers or MemoryBreakers(config.breaker)
+        self.budget = BudgetGuard(config.budget, budgets or MemoryBudgets(),
+                                  store.batch_budget, store.spent_usd)
+        # Rate-limit pools: in-process unless the caller shares them (Redis) across workers.
+        self.limiter = limiter or Limiter(config, MemoryBackend())
         self.store = store
+        # Ledger statistics for the adaptive cascade, cached per process (batchroute.adaptive).
+        self.cascade = Cascade(config, store)
         self.dispatcher = dispatcher
         self.client = client or httpx.Client(
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))

@@ -38,7 +38,20 @@ def message_text(content: Any) -> str:
 
 
 def count_text(text: str) -> int:
-    return len(encoding().encode(text, disallowed_special=()))
+    # encode_ordinary is encode(disallowed_special=()) without the special-token scan: the
+    # same count, ~25% faster (tokenizing is most of the cost of ingesting a line).
+    if len(text) <= _CACHED_TEXT_MAX:
+        return _count_cached(text)
+    return len(encoding().encode_ordinary(text))
+
+
+_CACHED_TEXT_MAX = 8192  # with maxsize 1024: at most ~8 MB of cached text
+
+
+@lru_cache(maxsize=1024)
+def _count_cached(text: str) -> int:
+    """Role names and system prompts repeat on every line of a batch: count each once."""
+    return len(encoding().encode_ordinary(text))
 
 
 def count_messages(messages: list[dict[str, Any]]) -> int:

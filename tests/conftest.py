@@ -1,7 +1,14 @@
-"""Shared fixtures: real Redis, real Celery workers, real SQLite files, the simulator over HTTP.
+"""Shared fixtures: real Redis, real Celery workers, real SQLite files and PostgreSQL
+databases, the simulator over HTTP.
 
 Integration tests use a Redis database of their own (BATCHROUTE_TEST_REDIS_DB,
 default 13) and flush it, so they never touch data on db 0.
+
+Every test marked `integration` runs twice, on SQLite and on PostgreSQL (the production
+store): each PostgreSQL run gets a fresh database on BATCHROUTE_TEST_POSTGRES_URL
+(default postgresql://postgres@127.0.0.1:5432/postgres), dropped afterwards. Without a
+reachable server the PostgreSQL runs are skipped, except under CI, where they fail.
+BATCHROUTE_TEST_DATABASE=sqlite (or postgresql) runs one store only.
 """
 
 from __future__ import annotations
@@ -18,14 +25,95 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "jobs" / "examples" / "support_batch.jsonl"
-REDIS_DB = int(os.environ.get("BATCHROUTE_TEST_REDIS_DB", "13"))
+# Outside CI, each pytest process picks one of dbs 1-15 by pid, so two suites run side by
+# side (several developers on one machine) do not flush each other's queues.
+REDIS_DB = int(os.environ.get("BATCHROUTE_TEST_REDIS_DB")
+               or ("13" if os.environ.get("CI") else str(1 + os.getpid() % 15)))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 
+PG_ADMIN_URL = os.environ.get("BATCHROUTE_TEST_POSTGRES_URL",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
+_pg_state: dict[str, object] = {}
+
+
+def _stores() -> list[str]:
+    only = os.environ.get("BATCHROUTE_TEST_DATABASE", "").strip().lower()
+    if only in ("sqlite", "postgresql", "postgres"):
+        return ["postgresql" if only.startswith("postgres") else "sqlite"]
+    return ["sqlite", "postgresql"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Integration tests run on each store; the others on SQLite only (they test logic,
+    not the database)."""
+    if "db_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+            "integration"):
+        metafunc.parametrize("db_url", _stores(), indirect=True)
+
+
+def _pg_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used (checked once per session), or None."""
+    if "problem" not in _pg_state:
+        try:
+            import psycopg2
+
+            psycopg2.connect(PG_ADMIN_URL, connect_timeout=5).close()
+            _pg_state["problem"] = None
+        except Exception as e:  # ImportError, OperationalError: either way, no PostgreSQL
+            _pg_state["problem"] = f"PostgreSQL at {PG_ADMIN_URL} is not usable: {e}".strip()
+    return _pg_state["problem"]  # type: ignore[return-value]
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=10)
+    try:
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The test's store: a SQLite file, or (param "postgresql") a fresh database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    problem = _pg_unreachable()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{problem} (CI must run the integration tests on PostgreSQL too; "
+                        ".ci/run starts it)")
+        pytest.skip(problem)
+    from sqlalchemy.engine import make_url
+
+    from batchroute import store as store_module
+
+    _pg_state["n"] = int(_pg_state.get("n", 0)) + 1  # type: ignore[call-overload]
+    name = f"batchroute_test_{os.getpid()}_{_pg_state['n']}"
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    store_module.get_engine(url)  # tables first, before any worker process starts
+    try:
+        yield url
+    finally:
+        with store_module._engines_lock:  # this process's pooled connections
+            engine = store_module._engines.pop(url, None)
+        if engine is not None:
+            engine.dispose()
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every test gets its own SQLite file and no stray config from the developer's shell."""
-    monkeypatch.setenv("BATCHROUTE_DATABASE_URL", f"sqlite:///{tmp_path / 'test.db'}")
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, db_url: str) -> None:
+    """Every test gets its own store (a SQLite file, or a PostgreSQL database for the
+    PostgreSQL run of an integration test) and no stray config from the developer's shell."""
+    monkeypatch.setenv("BATCHROUTE_DATABASE_URL", db_url)
     monkeypatch.setenv("BATCHROUTE_BROKER_URL", REDIS_URL)
     monkeypatch.delenv("BATCHROUTE_CONFIG", raising=False)
 

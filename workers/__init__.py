@@ -1,21 +1,35 @@
 """The Celery application: `celery -A workers worker` and `celery -A workers flower`.
 
 Queues: one per provider pool (`batchroute.<provider>`), all consumed by default;
-start a worker with `-Q batchroute.<provider>` to dedicate it to one pool.
+start a worker with `-Q batchroute.<provider>` to dedicate it to one pool. The
+`batchroute.sweep` queue carries the sweeper that `celery -A workers beat` schedules:
+at least one worker must consume it (the default does).
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import redis
+import structlog
+from celery.signals import worker_ready
 from kombu import Queue
 
 from batchroute.breaker import RedisBreakers
-from batchroute.broker import TASK_NAME, broker_url, make_celery
+from batchroute.broker import (
+    SWEEP_QUEUE,
+    SWEEP_TASK,
+    TASK_NAME,
+    broker_eviction_problem,
+    broker_url,
+    make_celery,
+)
+from batchroute.budget import RedisBudgets
 from batchroute.config import check_api_keys, load_config
 from batchroute.dispatch import CeleryDispatcher
 from batchroute.logs import configure_logging
+from batchroute.ratelimit import Limiter
 from batchroute.runtime import Runtime
 from batchroute.store import Store
 
@@ -24,7 +38,7 @@ config = load_config()
 check_api_keys(config)  # fail at start-up, naming the variable, before any job is taken
 
 app = make_celery("batchroute")
-app.conf.task_queues = [Queue(p.queue) for p in config.providers.values()]
+app.conf.task_queues = [Queue(p.queue) for p in config.providers.values()] + [Queue(SWEEP_QUEUE)]
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
@@ -37,7 +51,11 @@ def runtime() -> Runtime:
         if _runtime is None:
             _runtime = Runtime(config, Store(), CeleryDispatcher(app),
                                breakers=RedisBreakers(redis.Redis.from_url(broker_url()),
-                                                      config.breaker))
+                                                      config.breaker),
+                               # rpm/tpm/concurrency pools shared by every worker (Redis)
+                               limiter=Limiter.from_env(config),
+                               # budgets reserved before each call, shared by every worker
+                               budgets=RedisBudgets(redis.Redis.from_url(broker_url())))
         return _runtime
 
 
@@ -47,3 +65,22 @@ def process_job(job_id: str, attempt_no: int) -> str:
     from batchroute.pipeline import process_job as run
 
     return run(runtime(), job_id, attempt_no)
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep() -> dict[str, Any]:
+    """Beat's sweeper: dead runs back to the queue, lost messages published again
+    (batchroute.recovery). Safe to run on many workers at once: every move is guarded."""
+    from batchroute.recovery import broker_view
+    from batchroute.recovery import sweep as run_sweep
+
+    rt = runtime()
+    return run_sweep(rt.store, config, rt.dispatcher, broker=broker_view(broker_url())).as_dict()
+
+
+@worker_ready.connect
+def _check_broker_eviction(**_: Any) -> None:
+    """A Redis that evicts keys loses queued messages: say so loudly at start-up."""
+    problem = broker_eviction_problem()
+    if problem:
+        structlog.get_logger("batchroute.worker").error("broker_may_evict", problem=problem)
