@@ -43,6 +43,15 @@ def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None)
     return Reply(status, body, {"content-type": "application/json", **(headers or {})})
 
 
+def answer_reply(payload: Any, headers: dict[str, str], malformed: bool) -> Reply:
+    """A 200 answer; a "malformed" fault cuts the body in half, as a dropped connection
+    behind a proxy would, so the client meets JSON it cannot parse."""
+    reply = json_reply(200, payload, headers)
+    if malformed:
+        reply.body = reply.body[: len(reply.body) // 2]
+    return reply
+
+
 def _seconds(value: float) -> str:
     """Retry-After in seconds with at most millisecond precision, never rounded down, so a
     client that waits exactly this long is admitted by the strict limiter."""
@@ -209,10 +218,7 @@ class OpenAIProtocol:
             "system_fingerprint": "fp_batchroute_sim",
         }
         headers = {"x-request-id": _request_id(), **self._limit_headers(outcome.limits)}
-        reply = json_reply(200, payload, headers)
-        if outcome.malformed:
-            reply.body = reply.body[: len(reply.body) // 2]
-        return reply
+        return answer_reply(payload, headers, outcome.malformed)
 
     @staticmethod
     def _limit_headers(limits: Decision | None) -> dict[str, str]:
@@ -301,10 +307,7 @@ class AnthropicProtocol:
         }
         rid = _request_id()
         headers = {"request-id": rid, "x-request-id": rid, **self._limit_headers(outcome.limits)}
-        reply = json_reply(200, payload, headers)
-        if outcome.malformed:
-            reply.body = reply.body[: len(reply.body) // 2]
-        return reply
+        return answer_reply(payload, headers, outcome.malformed)
 
     @staticmethod
     def _limit_headers(limits: Decision | None) -> dict[str, str]:
