@@ -49,13 +49,13 @@ def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
+            shared = redis.Redis.from_url(broker_url())  # one pool for breakers and budgets
             _runtime = Runtime(config, Store(), CeleryDispatcher(app),
-                               breakers=RedisBreakers(redis.Redis.from_url(broker_url()),
-                                                      config.breaker),
+                               breakers=RedisBreakers(shared, config.breaker),
                                # rpm/tpm/concurrency pools shared by every worker (Redis)
                                limiter=Limiter.from_env(config),
                                # budgets reserved before each call, shared by every worker
-                               budgets=RedisBudgets(redis.Redis.from_url(broker_url())))
+                               budgets=RedisBudgets(shared))
         return _runtime
 
 
