@@ -17,12 +17,15 @@ a Redis restart does not forget what was spent.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 KEY_PREFIX = "batchroute:budget:"
 PROJECT = "project"
+# How long a worker trusts a batch budget it read from the store (only to accept calls).
+LIMIT_CACHE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -168,11 +171,30 @@ class BudgetGuard:
         self.backend = backend
         self._batch_limit = batch_limit
         self._spent = spent_in_store
+        # batch id -> (read at, budget): one SQL read per batch per few seconds instead of one
+        # per attempt. A stale value is only ever trusted to *accept*: a refusal re-reads it
+        # (see hold), so a budget raised for `resume` is honoured at once.
+        self._cache: dict[str, tuple[float, float | None]] = {}
+        self._cache_lock = threading.Lock()
 
-    def limits(self, batch_id: str) -> list[tuple[str, str, float]]:
-        """(backend key, label, limit) of each budget over this batch."""
+    def _batch_budget(self, batch_id: str, fresh: bool) -> float | None:
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(batch_id)
+        if hit is not None and not fresh and now - hit[0] < LIMIT_CACHE_S:
+            return hit[1]
+        value = self._batch_limit(batch_id)
+        with self._cache_lock:
+            if len(self._cache) > 1024:  # many finished batches: forget them all
+                self._cache.clear()
+            self._cache[batch_id] = (now, value)
+        return value
+
+    def limits(self, batch_id: str, fresh: bool = True) -> list[tuple[str, str, float]]:
+        """(backend key, label, limit) of each budget over this batch; ``fresh=False``
+        accepts a batch budget read up to LIMIT_CACHE_S ago."""
         out = []
-        batch = self._batch_limit(batch_id)
+        batch = self._batch_budget(batch_id, fresh)
         if batch is None:
             batch = self.config.batch_usd
         if batch is not None:
@@ -187,9 +209,17 @@ class BudgetGuard:
 
     def hold(self, batch_id: str, max_cost: float, escalating: bool) -> Hold:
         """Reserve `max_cost` under every budget, or raise BudgetRefused saying which."""
+        try:
+            return self._hold(self.limits(batch_id, fresh=False), max_cost, escalating)
+        except BudgetRefused:
+            # Refused on a budget read a moment ago: it may have been raised since.
+            return self._hold(self.limits(batch_id), max_cost, escalating)
+
+    def _hold(self, limits: list[tuple[str, str, float]], max_cost: float,
+              escalating: bool) -> Hold:
         parts: list[tuple[str, float, float]] = []
         try:
-            for key, label, limit in self.limits(batch_id):
+            for key, label, limit in limits:
                 if escalating:
                     spent, reserved = self.backend.usage(key, self._initial(key))
                     if near_limit(spent, reserved, max_cost, limit, self.config.near_limit):

@@ -96,11 +96,11 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
         verdicts = []
         decision = policy.after_error(_position(rt, job, model, error=True), error.kind,
                                       error.message, error.retry_after)
-    rt.store.record_attempt(attempt)
     jlog.info("attempt", outcome=attempt.outcome, action=decision.action.value,
               cost_usd=attempt.cost_usd, latency_ms=round(attempt.latency_ms, 1),
               reason=attempt.reason or None)
-    return _apply(rt, job, model, decision, completion, verdicts)
+    # The Attempt row is written by the transition that moves the job on, in its transaction.
+    return _apply(rt, job, model, attempt, decision, completion, verdicts)
 
 
 def _available(rt: Runtime, tier: int, pin: str | None, exclude: set[str]) -> ModelConfig | None:
@@ -221,19 +221,22 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
                     max_retries=rt.config.provider_of(model).max_retries)
 
 
-def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
+def _apply(rt: Runtime, job: Job, model: ModelConfig, attempt: Attempt, decision: Decision,
            completion: Completion | None, verdicts: list[Any]) -> str:
+    """Carry out the policy's decision: exactly one guarded transition, which also records
+    the attempt, then (for a retry, failover or escalation) the next message."""
     verdict_rows = [{"validator": v.validator, "ok": v.ok, "reason": v.reason, "score": v.score}
                     for v in verdicts]
     if decision.action is Action.SUCCEED:
         assert completion is not None
-        rt.store.transition(job.id, job.attempt_no, state=SUCCEEDED, result=completion.body,
+        rt.store.transition(job.id, job.attempt_no, attempt, state=SUCCEEDED,
+                            result=completion.body,
                             verdicts=verdict_rows, error=None, model=model.name,
                             provider=model.provider)
         return "succeeded"
     if decision.action is Action.FAIL:
         return _finish_failed(rt, job, decision.error_code or "failed", decision.reason,
-                              verdict_rows, model=model.name, provider=model.provider)
+                              verdict_rows, attempt, model=model.name, provider=model.provider)
 
     options = dict(job.options)
     tier_index, escalations = job.tier_index, list(job.escalations)
@@ -253,7 +256,8 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
                     break
         if next_model is None:
             return _finish_failed(rt, job, "no_model_left",
-                                  f"{decision.reason}; no model left on the ladder", verdict_rows)
+                                  f"{decision.reason}; no model left on the ladder", verdict_rows,
+                                  attempt)
         if next_model.tier != model.tier:
             escalations.append({"from_tier": model.tier, "to_tier": next_model.tier,
                                 "from_model": model.name, "reason": decision.reason[:300]})
@@ -263,7 +267,7 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
     options["exclude"] = sorted(exclude)
     assert next_model is not None
     moved = rt.store.transition(
-        job.id, job.attempt_no, state=QUEUED, attempt_no=job.attempt_no + 1,
+        job.id, job.attempt_no, attempt, state=QUEUED, attempt_no=job.attempt_no + 1,
         tier_index=tier_index, tier=next_model.tier, model=next_model.name,
         provider=next_model.provider, options=options, escalations=escalations,
         verdicts=verdict_rows)
@@ -274,9 +278,10 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, decision: Decision,
 
 
 def _finish_failed(rt: Runtime, job: Job, code: str, message: str,
-                   verdicts: list[dict[str, Any]] | None = None, **values: Any) -> str:
+                   verdicts: list[dict[str, Any]] | None = None, attempt: Attempt | None = None,
+                   **values: Any) -> str:
     # Without verdicts of its own (nothing was called), the job keeps those of its last attempt.
-    rt.store.transition(job.id, job.attempt_no, state=FAILED,
+    rt.store.transition(job.id, job.attempt_no, attempt, state=FAILED,
                         error={"code": code, "message": message},
                         verdicts=job.verdicts if verdicts is None else verdicts, **values)
     log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)

@@ -8,8 +8,10 @@ conditional UPDATE before it spends anything.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,8 +24,10 @@ from sqlalchemy import (
     Engine,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     event,
+    exc,
     func,
     inspect,
     or_,
@@ -156,6 +160,31 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# A pooled connection idle longer than this is pinged before use (see _ping_if_idle).
+PING_AFTER_IDLE_S = 10.0
+
+
+def _mark_idle(_dbapi_conn: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    """SQLAlchemy's pool_pre_ping costs a round trip on *every* checkout, i.e. two per
+    attempt on a busy worker; a connection used a moment ago is alive, so only one that
+    sat idle (where a server restart or a firewall's timeout can have killed it) is
+    pinged. A dead one is replaced: raising DisconnectionError makes the pool retry with
+    a fresh connection (SQLAlchemy's documented pessimistic-disconnect recipe)."""
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+        return
+    try:
+        cur = dbapi_conn.cursor()
+        cur.execute("SELECT 1")
+        cur.close()
+    except Exception as e:
+        raise exc.DisconnectionError(f"pooled connection is dead: {e}") from e
+
+
 def engine_url(url: str) -> str:
     """The SQLAlchemy URL for a database URL. `postgres://` (what many hosts hand out) and a
     bare `postgresql://` (whose default driver is psycopg 3 since SQLAlchemy 2.1) get the
@@ -184,8 +213,9 @@ def get_engine(url: str | None = None) -> Engine:
                                                           "timeout": 30})
                 event.listen(engine, "connect", _sqlite_pragmas)
             else:
-                engine = create_engine(engine_url(url), pool_size=10, max_overflow=40,
-                                       pool_pre_ping=True)
+                engine = create_engine(engine_url(url), pool_size=10, max_overflow=40)
+                event.listen(engine, "checkin", _mark_idle)
+                event.listen(engine, "checkout", _ping_if_idle)
             _create_schema(engine)
             _engines[url] = engine
         return engine
@@ -218,12 +248,66 @@ def _add_missing_columns(conn: Connection) -> None:
             conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
 
 
+# The hot path's statements, built once with bind parameters: building an UPDATE per call
+# (coercing every literal, computing its cache key) cost more CPU than psycopg2 did.
+_JOBS = Job.__table__  # type: ignore[attr-defined]
+_CLAIM = (update(_JOBS)
+          .where(_JOBS.c.id == bindparam("k_id"), _JOBS.c.attempt_no == bindparam("k_attempt"),
+                 _JOBS.c.state == QUEUED)
+          .values(state=RUNNING, updated_at=bindparam("k_now"), lease_until=bindparam("k_lease"))
+          .returning(*_JOBS.c))
+
+
+@functools.lru_cache(maxsize=64)
+def _transition_stmt(columns: frozenset[str]) -> Any:
+    """The guarded UPDATE that moves a running job on, setting `columns` (one per shape)."""
+    return (update(_JOBS)
+            .where(_JOBS.c.id == bindparam("k_id"), _JOBS.c.attempt_no == bindparam("k_from"),
+                   _JOBS.c.state == RUNNING)
+            .values({_JOBS.c[c]: bindparam(f"v_{c}") for c in sorted(columns)}))
+
+
+_ATTEMPTS = Attempt.__table__  # type: ignore[attr-defined]
+_ATTEMPT_COLS = tuple(c.name for c in _ATTEMPTS.c if c.name != "id")
+_ATTEMPT_KEY = ("job_id", "attempt_no")
+
+
+@functools.lru_cache(maxsize=4)
+def _record_stmt(dialect: str) -> Any:
+    """Insert an attempt once per (job, attempt_no); on a clash overwrite only a "lost"
+    placeholder (the sweeper gave the run up for dead, but it was alive and its call is
+    what the provider billed). One statement: an upsert whose update has a WHERE."""
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    ins = module.insert(_ATTEMPTS).values({c: bindparam(f"a_{c}") for c in _ATTEMPT_COLS})
+    return ins.on_conflict_do_update(
+        index_elements=list(_ATTEMPT_KEY),
+        set_={c: ins.excluded[c] for c in _ATTEMPT_COLS if c not in _ATTEMPT_KEY},
+        where=_ATTEMPTS.c.outcome == LOST)
+
+
+@functools.lru_cache(maxsize=64)
+def _record_and_transition_stmt(columns: frozenset[str]) -> Any:
+    """PostgreSQL: the attempt's upsert as a data-modifying CTE of the job's guarded
+    UPDATE. One statement is atomic on its own, so in autocommit it is one round trip
+    where INSERT, UPDATE and COMMIT were three."""
+    return _transition_stmt(columns).add_cte(_record_stmt("postgresql").cte("recorded"))
+
+
+def _attempt_params(attempt: Attempt) -> dict[str, Any]:
+    return {f"a_{c}": getattr(attempt, c) for c in _ATTEMPT_COLS}
+
+
 class Store:
     """Thin, typed access to the tables: the only module that writes SQL."""
 
     def __init__(self, engine: Engine | None = None, lease_s: float | None = None) -> None:
         self.engine = engine or get_engine()
         self.lease_s = lease_s if lease_s is not None else lease_seconds()
+        # On PostgreSQL the hot path's writes are single statements, atomic by themselves:
+        # run them in autocommit (one round trip each, no BEGIN/COMMIT). SQLite is local.
+        self._pg = self.engine.dialect.name == "postgresql"
+        self._single = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                        if self._pg else self.engine)
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -280,17 +364,20 @@ class Store:
             s.commit()
 
     # ---- ingestion -----------------------------------------------------------------------
+    def _insert_ignore_stmt(self, table: Any) -> Any:
+        """INSERT .. ON CONFLICT DO NOTHING in this store's dialect."""
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
     def _insert_ignore(self, table: Any, rows: Sequence[dict[str, Any]]) -> int:
         """INSERT .. ON CONFLICT DO NOTHING; returns the rows inserted (exact for one row)."""
         if not rows:
             return 0
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(table).on_conflict_do_nothing()
-        else:  # pragma: no cover - other databases are not supported yet
-            raise RuntimeError(f"unsupported database dialect {dialect!r}")
+        stmt = self._insert_ignore_stmt(table)
         with self.engine.begin() as conn:
             if len(rows) == 1:
                 return int(conn.execute(stmt.values(**rows[0])).rowcount)
@@ -320,20 +407,14 @@ class Store:
         The claim is a lease: if the worker dies, the sweeper moves the job on once it lapses.
         """
         now = utcnow()
-        with self.session() as s:
-            # RETURNING: the claimed row comes back with the UPDATE, one round trip instead
-            # of two on the hottest path of every attempt.
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.attempt_no == attempt_no,  # type: ignore[arg-type]
-                       Job.state == QUEUED)  # type: ignore[arg-type]
-                .values(state=RUNNING, updated_at=now,
-                        lease_until=now + timedelta(seconds=self.lease_s))
-                .returning(Job)
-            )
-            job = res.scalars().first()
-            s.commit()
-            return job
+        # RETURNING: the claimed row comes back with the UPDATE, one round trip instead of
+        # two on the hottest path of every attempt; Core rather than an ORM session (no
+        # identity map or unit of work for a row nobody keeps): ~1 ms less CPU per attempt.
+        with self._single.begin() as conn:
+            row = conn.execute(_CLAIM, {"k_id": job_id, "k_attempt": attempt_no, "k_now": now,
+                                        "k_lease": now + timedelta(seconds=self.lease_s)}
+                               ).first()
+        return None if row is None else Job(**row._mapping)
 
     def get_job(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -345,18 +426,9 @@ class Store:
         A "lost" placeholder (the sweeper gave the run up for dead) is overwritten: the run
         was alive after all, and its call is what the provider billed.
         """
-        row = attempt.model_dump(exclude={"id"})
-        if self._insert_ignore(Attempt.__table__, [row]) == 1:  # type: ignore[attr-defined]
-            return True
-        with self.session() as s:
-            res = s.execute(
-                update(Attempt)
-                .where(Attempt.job_id == attempt.job_id,  # type: ignore[arg-type]
-                       Attempt.attempt_no == attempt.attempt_no,  # type: ignore[arg-type]
-                       Attempt.outcome == LOST)  # type: ignore[arg-type]
-                .values(**{k: v for k, v in row.items() if k not in ("job_id", "attempt_no")}))
-            s.commit()
-            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+        with self._single.begin() as conn:
+            res = conn.execute(_record_stmt(self.engine.dialect.name), _attempt_params(attempt))
+            return bool(res.rowcount == 1)
 
     def attempt_count(self, job_id: str, attempt_no: int | None = None) -> int:
         with self.session() as s:
@@ -365,21 +437,31 @@ class Store:
                 q = q.where(Attempt.attempt_no == attempt_no)
             return int(s.exec(q).one())
 
-    def transition(self, job_id: str, from_attempt: int, **values: Any) -> bool:
-        """Move a running job on (requeue, finish), guarded by its attempt number."""
+    def transition(self, job_id: str, from_attempt: int, attempt: Attempt | None = None,
+                   **values: Any) -> bool:
+        """Move a running job on (requeue, finish), guarded by its attempt number.
+
+        With ``attempt``, the call's ledger row is recorded in the same transaction: one
+        commit per attempt instead of two, and never a job moved on without its Attempt.
+        The row is kept even when the guard fails (the provider billed the call).
+        """
         values.setdefault("updated_at", utcnow())
         if values.get("state") in FINISHED:
             values.setdefault("finished_at", utcnow())
         # A Core UPDATE of the table rather than the ORM's (no session, no evaluation of the
         # criteria against loaded objects): ~20% less CPU per attempt on a busy worker.
-        table = Job.__table__  # type: ignore[attr-defined]
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                update(table)
-                .where(table.c.id == job_id, table.c.attempt_no == from_attempt,
-                       table.c.state == RUNNING)
-                .values(**values)
-            )
+        params = {f"v_{k}": v for k, v in values.items()}
+        params.update(k_id=job_id, k_from=from_attempt)
+        columns = frozenset(values)
+        with self._single.begin() as conn:
+            if attempt is None:
+                res = conn.execute(_transition_stmt(columns), params)
+            elif self._pg:
+                params.update(_attempt_params(attempt))
+                res = conn.execute(_record_and_transition_stmt(columns), params)
+            else:  # SQLite has no data-modifying CTEs: two statements, one transaction
+                conn.execute(_record_stmt("sqlite"), _attempt_params(attempt))
+                res = conn.execute(_transition_stmt(columns), params)
             return bool(res.rowcount == 1)
 
     def put_back(self, job_id: str, attempt_no: int) -> bool:
