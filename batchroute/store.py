@@ -198,6 +198,23 @@ def engine_url(url: str) -> str:
     return url
 
 
+def autocommit_engine(engine: Engine) -> Engine:
+    """A PostgreSQL engine whose connections stay in autocommit, for the hot path's single
+    statements. Its own pool rather than ``execution_options(isolation_level=...)`` on the
+    shared one: switching a pooled connection to autocommit and back on every checkout
+    cost ~40 µs of CPU, a fifth of a whole statement."""
+    key = engine.url.render_as_string(hide_password=False) + "#autocommit"
+    with _engines_lock:
+        auto = _engines.get(key)
+        if auto is None:
+            auto = create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_size=10,
+                                 max_overflow=40)
+            event.listen(auto, "checkin", _mark_idle)
+            event.listen(auto, "checkout", _ping_if_idle)
+            _engines[key] = auto
+        return auto
+
+
 # Any constant works; it only has to be the same in every process that creates the schema.
 _SCHEMA_LOCK_KEY = 0x62617463  # "batc"
 
@@ -306,8 +323,7 @@ class Store:
         # On PostgreSQL the hot path's writes are single statements, atomic by themselves:
         # run them in autocommit (one round trip each, no BEGIN/COMMIT). SQLite is local.
         self._pg = self.engine.dialect.name == "postgresql"
-        self._single = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
-                        if self._pg else self.engine)
+        self._single = autocommit_engine(self.engine) if self._pg else self.engine
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

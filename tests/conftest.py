@@ -102,9 +102,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        with store_module._engines_lock:  # this process's pooled connections
-            engine = store_module._engines.pop(url, None)
-        if engine is not None:
+        with store_module._engines_lock:  # this process's pooled connections (both pools)
+            engines = [store_module._engines.pop(k) for k in list(store_module._engines)
+                       if k.split("#")[0].endswith(f"/{name}")]
+        for engine in engines:
             engine.dispose()
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
