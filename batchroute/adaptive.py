@@ -218,9 +218,8 @@ def cascade_start(rt: Runtime, job: Job) -> tuple[Job, str | None]:
         return job, "cascade_rerouted"
     if not rt.store.transition(job.id, job.attempt_no, **values):
         return job, "skipped"
-    for key, value in values.items():
-        setattr(job, key, value)
-    return job, None
+    # A new Job rather than setattr: claim builds jobs without SQLAlchemy's instance state.
+    return Job.model_construct(**(job.model_dump() | values)), None
 
 
 # ---- the report ----------------------------------------------------------------------------
