@@ -37,7 +37,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from batchroute import consensus, pricing
+from batchroute import scorer as scoring
 from batchroute.completion import Completion, Usage
 from batchroute.config import Config, ModelConfig
 from batchroute.replay import Record
@@ -46,8 +49,15 @@ from batchroute.validators import build_validators, passed, run_validators
 DEFAULT_K_GRID = (3, 5, 8, 10, 15, 20)
 DEFAULT_AGREE_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_MAX_RUNGS = 3
+DEFAULT_SCORER_FOLDS = 5  # inner folds giving out-of-fold scores to choose thresholds on
+# Scorer thresholds tried per rung: the score above which this share of the training
+# answers (out of fold) is kept. Quantiles, not fixed probabilities: a scorer's scores
+# sit wherever its base rate puts them.
+SCORER_KEEP_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SCORER = "scorer"
 _MAX_SUBSET_CHECKS = 4  # beyond this many configured checks, try none or all, not subsets
 _EPS = 1e-12
+log = structlog.get_logger("batchroute.calibrate")
 
 
 class CalibrationError(ValueError):
@@ -72,6 +82,8 @@ class Rung:
         for c in self.checks:
             if c.get("type") == consensus.CONSENSUS:
                 parts.append(f"consensus {c.get('min_agree')}/{c.get('k')}")
+            elif c.get("type") == SCORER:
+                parts.append(f"scorer >= {c.get('threshold'):.3f}")
             else:
                 parts.append(str(c.get("type")))
         return f"{self.model} [{', '.join(parts)}]"
@@ -87,7 +99,8 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "ladder": [r.model for r in self.rungs],
-                "rungs": [{"model": r.model, "checks": list(r.checks)} for r in self.rungs],
+                "rungs": [{"model": r.model, "checks": [_summary(c) for c in r.checks]}
+                          for r in self.rungs],
                 "describe": self.describe()}
 
 
@@ -222,6 +235,15 @@ class _Option:
     cost: tuple[float, ...]
 
 
+def _summary(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A check spec for reports: an inline scorer's weights replaced by their count."""
+    model = spec.get("model")
+    if spec.get("type") != SCORER or not isinstance(model, Mapping):
+        return dict(spec)
+    return {**spec, "model": {"weights": len(model.get("weights") or ()),
+                              **dict(model.get("meta") or {})}}
+
+
 def _canonical(spec: Mapping[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
@@ -284,7 +306,7 @@ def rung_outcome(record: Record, model: str, checks: Sequence[Mapping[str, Any]]
                             usage=Usage(prompt, completion_tokens), model=model,
                             alternatives=tuple(contents[1:]), body=_sample_body(contents))
     completion = consensus.majority_first(completion, checks)
-    ok = passed(run_validators(validators, completion))
+    ok = passed(run_validators(validators, completion, request={"messages": record.messages}))
     chosen = contents.index(completion.content)
     return ok, _label(record, model, chosen), cost
 
@@ -378,6 +400,148 @@ def _rung_options(records: Sequence[Record], model: str, task_checks: Sequence[M
     return list(seen.values())
 
 
+# --------------------------------------------------------------- learned scorers
+
+
+class ScorerBank:
+    """Fits the learned per-query scorers of one calibration (``batchroute.scorer``).
+
+    A scorer rung keeps a cheap model's answer when P(correct | prompt, answer) is at
+    least a threshold. The threshold is chosen on *out-of-fold* scores (each training
+    record scored by a scorer fitted on the other inner folds): in-sample scores are
+    overconfident exactly on the records the threshold is chosen on. The scorer written
+    into the policy is then fitted on all the records given. Feature rows are hashed
+    once per (model, record) and reused by every fold of the cross-validation.
+    """
+
+    def __init__(self, folds: int = DEFAULT_SCORER_FOLDS, seed: int = 0,
+                 dim: int = scoring.DEFAULT_DIM, c: float = scoring.DEFAULT_C,
+                 keep_shares: Sequence[float] = SCORER_KEEP_SHARES) -> None:
+        if folds < 2:
+            raise CalibrationError("scorer folds must be >= 2")
+        try:
+            scoring._sklearn()  # fail now, with the install hint, not deep in a search
+        except scoring.ScorerError as e:
+            raise CalibrationError(str(e)) from None
+        self.folds = folds
+        self.seed = seed
+        self.dim = dim
+        self.c = c
+        self.keep_shares = tuple(keep_shares)
+        self._rows: dict[tuple[str, str], dict[int, float]] = {}
+        # Fits depend only on (task, model, which records): calibrating the same training
+        # file for another target, with the same seed, reuses them.
+        self._fits: dict[tuple[str, str, tuple[str, ...]],
+                         tuple[list[float], scoring.Scorer]] = {}
+        self.fits = 0
+
+    def row(self, record: Record, model: str) -> dict[int, float]:
+        key = (model, record.id)
+        row = self._rows.get(key)
+        if row is None:
+            prompt = scoring.prompt_text({"messages": record.messages})
+            row = scoring.features(prompt, record.responses[model].samples[0].content,
+                                   self.dim)
+            self._rows[key] = row
+        return row
+
+    def fit(self, task: str, records: Sequence[Record], model: str,
+            ) -> tuple[list[float], scoring.Scorer]:
+        """(out-of-fold scores of ``records``, the scorer fitted on all of them)."""
+        key = (task, model, tuple(r.id for r in records))
+        cached = self._fits.get(key)
+        if cached is not None:
+            return cached
+        rows = [self.row(r, model) for r in records]
+        labels = [_label(r, model, 0) for r in records]
+        oof = scoring.out_of_fold(rows, labels, self.folds, self.seed, self.dim, self.c)
+        full = scoring.fit(rows, labels, self.dim, c=self.c,
+                           meta={"model": model, "task": task,
+                                 "label": "P(answer correct | prompt, answer)"})
+        self.fits += self.folds + 1
+        log.debug("scorer_fitted", task=task, model=model, records=len(records),
+                  positives=sum(labels), weights=len(full.weights),
+                  out_of_fold_auc=_auc(oof, labels))
+        self._fits[key] = (oof, full)
+        return oof, full
+
+
+def _auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (ties count half): how well scores rank right answers
+    above wrong ones, 0.5 being no signal. For the log: what a scorer could do here."""
+    pos = sorted(s for s, y in zip(scores, labels, strict=True) if y)
+    neg = sorted(s for s, y in zip(scores, labels, strict=True) if not y)
+    if not pos or not neg:
+        return None
+    import bisect
+
+    wins = sum(bisect.bisect_left(neg, p) + 0.5 * (bisect.bisect_right(neg, p)
+                                                   - bisect.bisect_left(neg, p)) for p in pos)
+    return round(wins / (len(pos) * len(neg)), 4)
+
+
+def _thresholds(oof: Sequence[float], shares: Sequence[float]) -> list[float]:
+    """Score thresholds keeping about each share of the answers (rounded down to 6
+    digits, so the written threshold keeps exactly what the search counted)."""
+    ranked = sorted(oof, reverse=True)
+    out = set()
+    for share in shares:
+        k = max(1, min(len(ranked), math.ceil(share * len(ranked) - 1e-9)))
+        out.add(math.floor(ranked[k - 1] * 1e6) / 1e6)
+    return sorted(out)
+
+
+def _scorer_options(records: Sequence[Record], model: str, task: str,
+                    task_checks: Sequence[Mapping[str, Any]], config: Config, pricer: _Pricer,
+                    bank: ScorerBank) -> list[_Option]:
+    """Scorer settings at a rung of ``model``: a threshold from the grid, alone or on top
+    of all the task's configured checks, each as the pipeline would run it on a single
+    (n = 1) answer; acceptance counted with out-of-fold scores."""
+    oof, fitted = bank.fit(task, records, model)
+    model_json = fitted.to_dict()
+    plain, _ = _plain_and_template(task_checks)
+    built = build_validators(plain, config.custom_validators) if plain else []
+    cost, correct, plain_ok = [], [], []
+    for record in records:
+        response = record.responses[model]
+        prompt, completion_tokens = response.usage(1)
+        cost.append(pricer.cost(model, prompt, completion_tokens))
+        correct.append(_label(record, model, 0))
+        if built:
+            content = response.samples[0].content
+            completion = Completion(content=content, finish_reason="stop",
+                                    usage=Usage(prompt, completion_tokens), model=model,
+                                    body=_sample_body([content]))
+            plain_ok.append(passed(run_validators(built, completion)))
+    bases: list[tuple[tuple[dict[str, Any], ...], list[bool]]] = [((), [True] * len(records))]
+    if built:
+        bases.append((tuple(plain), plain_ok))
+    seen: set[tuple[bool, ...]] = set()
+    out = []
+    for checks, base in bases:
+        for t in _thresholds(oof, bank.keep_shares):
+            accepted = tuple(b and s >= t for b, s in zip(base, oof, strict=True))
+            if accepted in seen:
+                continue
+            seen.add(accepted)
+            spec = {"type": SCORER, "threshold": t, "model": model_json}
+            out.append(_Option((*checks, spec), accepted, tuple(correct), tuple(cost)))
+    return out
+
+
+def _frontier(models: Sequence[str], singles: Mapping[str, Score]) -> list[str]:
+    """Models (cheapest first) more accurate than every cheaper one: the only ones worth
+    a learned scorer, which keeps the search small on 11-model datasets (a model both
+    dearer and less accurate than another is a poor first guess to keep)."""
+    out: list[str] = []
+    best = -1
+    for m in models:
+        if singles[m].correct > best:
+            out.append(m)
+            best = singles[m].correct
+    return out
+
+
 # ------------------------------------------------------------------------ the search
 
 
@@ -421,7 +585,7 @@ class _Prepared:
 
 def _prepare(task: str, records: list[Record], models: list[str], config: Config,
              pricer: _Pricer, k_grid: Sequence[int], fractions: Sequence[float],
-             max_rungs: int) -> _Prepared:
+             max_rungs: int, bank: ScorerBank | None = None) -> _Prepared:
     n = len(records)
     task_checks = list(config.task(task).validators)
     top_correct = [[_label(r, m, 0) for r in records] for m in models]
@@ -432,6 +596,12 @@ def _prepare(task: str, records: list[Record], models: list[str], config: Config
     options = [[] if j == len(models) - 1 or max_rungs < 2  # the dearest model: top only
                else _rung_options(records, m, task_checks, config, pricer, k_grid, fractions)
                for j, m in enumerate(models)]
+    if bank is not None and max_rungs >= 2:
+        frontier = set(_frontier(models, singles))
+        for j, m in enumerate(models[:-1]):
+            if m in frontier:
+                options[j] += _scorer_options(records, m, task, task_checks, config, pricer,
+                                              bank)
     return _Prepared(task, records, models, top_correct, top_cost, options, singles,
                      best_single)
 
@@ -568,7 +738,8 @@ def _settings(target: Target, max_rungs: int) -> list[Setting]:
 def _cross_validate(task: str, records: list[Record], models: list[str], config: Config,
                     pricer: _Pricer, target: Target, max_rungs: int, folds: int, seed: int,
                     k_grid: Sequence[int], fractions: Sequence[float],
-                    repeats: int = CV_REPEATS) -> CrossValidation:
+                    repeats: int = CV_REPEATS, bank: ScorerBank | None = None,
+                    ) -> CrossValidation:
     """Repeated K-fold cross-validation of the calibration procedure itself, per setting.
 
     Each fold calibrates on the other folds and is scored on itself; the baseline gets
@@ -593,7 +764,8 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
     for fold_of, f in runs:
         fit = [r for i, r in enumerate(records) if fold_of[i] != f]
         held = [r for i, r in enumerate(records) if fold_of[i] == f]
-        prep = _prepare(task, fit, models, config, pricer, k_grid, fractions, max_rungs)
+        prep = _prepare(task, fit, models, config, pricer, k_grid, fractions, max_rungs,
+                        bank)
         b = evaluate(Policy(task, (Rung(prep.best_single),)), held, config)
         base[0] += b.correct
         base[1] += b.cost_usd
@@ -641,12 +813,20 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
               max_rungs: int = DEFAULT_MAX_RUNGS, k_grid: Sequence[int] = DEFAULT_K_GRID,
               agree_fractions: Sequence[float] = DEFAULT_AGREE_FRACTIONS,
               models: Sequence[str] | None = None, source: str = "", cv_folds: int = 0,
-              seed: int = 0) -> Calibration:
+              seed: int = 0, scorer_folds: int = 0,
+              scorer_bank: ScorerBank | None = None) -> Calibration:
     """Choose, per task, the cheapest policy meeting ``target`` on ``records`` (only).
 
     With ``cv_folds`` >= 2, the number of rungs and the safety margin are first chosen
     by cross-validation on ``records`` (see _cross_validate), then the policy is fitted
     on all of ``records`` with them. Tasks with fewer than 2 x cv_folds records skip it.
+
+    With ``scorer_folds`` >= 2, every rung below the top may also keep its model's answer
+    on a learned scorer's say-so (see ScorerBank): one scorer per (task, cheap model),
+    its threshold chosen on scores out of ``scorer_folds`` inner folds; inside the
+    cross-validation each fold fits its own scorers on its own training part. Needs
+    scikit-learn (``pip install 'batchroute[calibrate]'``). A ``scorer_bank`` given
+    instead is used (and its fits reused) as is.
     """
     target = target or Target("best")
     if not records:
@@ -654,6 +834,7 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
     if max_rungs < 1:
         raise CalibrationError("max_rungs must be >= 1")
     pricer = _Pricer(config)
+    bank = scorer_bank or (ScorerBank(scorer_folds, seed) if scorer_folds else None)
     unknown = sorted({m for r in records for m in r.responses} - set(config.models))
     order = [m for m in model_order(records, config) if models is None or m in models]
     by_task: dict[str, list[Record]] = {}
@@ -672,10 +853,10 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         setting = Setting(max_rungs, target.margin)
         if cv_folds >= 2 and len(recs) >= 2 * cv_folds:
             cv = _cross_validate(task, recs, usable, config, pricer, target, max_rungs,
-                                 cv_folds, seed, k_grid, agree_fractions)
+                                 cv_folds, seed, k_grid, agree_fractions, bank=bank)
             setting = cv.chosen
         prep = _prepare(task, recs, usable, config, pricer, k_grid, agree_fractions,
-                        setting.max_rungs)
+                        setting.max_rungs, bank)
         result = _search(prep, replace(target, margin=setting.margin), setting.max_rungs,
                          config)
         result.cv = cv
@@ -716,8 +897,9 @@ def single_scores(records: Sequence[Record], config: Config) -> dict[str, Score]
 # ---------------------------------------------------------------- the routing config
 
 
-def policy_config(cal: Calibration, config: Config,
-                  raw: dict[str, Any] | None = None) -> dict[str, Any]:
+def policy_config(cal: Calibration, config: Config, raw: dict[str, Any] | None = None,
+                  scorer_dir: Path | None = None, base: Path | None = None,
+                  ) -> dict[str, Any]:
     """The routing config (as a TOML-ready dict) that runs the calibrated policies.
 
     Everything but providers, models and tasks is copied from ``raw`` (the input
@@ -725,6 +907,11 @@ def policy_config(cal: Calibration, config: Config,
     cascade is switched off (see below). Only the kept models are written, renumbered
     cheapest first as tiers 1, 2, ...; each task's ladder lists its rungs' tiers and each
     check carries ``tiers`` = the rungs it decides at.
+
+    Learned scorers are written as JSON files into ``scorer_dir`` (one per task and
+    model) and referenced as ``model_file``, relative to ``base`` (the directory of the
+    config being written; ``load_config`` reads it relative to the config file);
+    without ``scorer_dir`` they stay inline in the spec.
     """
     raw = dict(raw or {})
     kept = [m for m in cal.model_order
@@ -748,6 +935,8 @@ def policy_config(cal: Calibration, config: Config,
         checks: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for rung in c.policy.rungs[:-1]:
             for spec in rung.checks:
+                if spec.get("type") == SCORER and scorer_dir is not None:
+                    spec = _write_scorer(spec, name, rung.model, scorer_dir, base)
                 key = _canonical(spec)
                 checks.setdefault(key, (dict(spec), []))[1].append(tier[rung.model])
         tasks[name] = {"ladder": [tier[r.model] for r in c.policy.rungs],
@@ -765,6 +954,28 @@ def policy_config(cal: Calibration, config: Config,
     # re-decide it.
     out["cascade"] = {**dict(raw.get("cascade") or {}), "enabled": False}
     return out
+
+
+def scorer_dir_for(output: Path) -> Path:
+    """Where the scorers of a policy written to ``output`` go: ``policy.toml`` ->
+    ``policy.scorers/`` beside it, so the two move together."""
+    return output.parent / f"{output.stem}.scorers"
+
+
+def _write_scorer(spec: Mapping[str, Any], task: str, model: str, scorer_dir: Path,
+                  base: Path | None) -> dict[str, Any]:
+    """Move an inline scorer into its own JSON file; the spec then names the file."""
+    scorer_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}.{model}")
+    path = scorer_dir / f"{safe}.json"
+    scoring.Scorer.from_dict(spec["model"]).save(path)
+    ref = str(path)
+    if base is not None:
+        try:
+            ref = str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            ref = str(path.resolve())
+    return {k: v for k, v in spec.items() if k != "model"} | {"model_file": ref}
 
 
 def _model_table(m: ModelConfig) -> dict[str, Any]:

@@ -466,29 +466,50 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
               help="Folds to choose ladder length and safety margin by cross-validation "
                    "on TRAIN (0: no cross-validation).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the cross-validation folds.")
+@click.option("--scorer/--no-scorer", "use_scorer", default=None,
+              help="Also try learned per-query scorers at each cheap rung: a logistic "
+                   "regression of P(answer correct | prompt, answer), fitted on TRAIN "
+                   "(needs scikit-learn: pip install 'batchroute[calibrate]'). Its weights "
+                   "are written next to OUTPUT, in OUTPUT's name + .scorers/. Default: on "
+                   "when scikit-learn is installed.")
+@click.option("--scorer-folds", default=5, show_default=True,
+              help="Inner folds giving the out-of-fold scores scorer thresholds are "
+                   "chosen on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @click.pass_obj
 def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
               max_cost_usd: float | None, max_rungs: int, cv_folds: int, seed: int,
-              as_json: bool) -> None:
+              use_scorer: bool | None, scorer_folds: int, as_json: bool) -> None:
     """Fit the cheapest routing policy that meets a target on TRAIN, a labelled replay file.
 
     The routing config (--config) prices the models and lists the checks each task may
-    use; the policy (ladder, checks per rung, consensus samples and votes) is written as
-    a routing config to run with: batchroute --config OUTPUT run BATCH -o OUT.
+    use; the policy (ladder, checks per rung, consensus samples and votes, learned
+    scorer thresholds) is written as a routing config to run with:
+    batchroute --config OUTPUT run BATCH -o OUT. Learned scorers are JSON weight files
+    in OUTPUT.scorers/ (applied in pure Python at run time: no scikit-learn needed).
     Only TRAIN is read: evaluate the result on queries it has not seen.
     """
     from batchroute import calibrate as cal
     from batchroute.replay import ReplayFormatError, load_records
+    from batchroute.scorer import ScorerError
 
+    if use_scorer is None:  # not asked either way: use it when it can be fitted
+        try:
+            import sklearn  # noqa: F401
+            use_scorer = True
+        except ImportError:
+            use_scorer = False
+            click.echo("scikit-learn is not installed: calibrating without learned scorers "
+                       "(pip install 'batchroute[calibrate]')", err=True)
     try:
         records = load_records(train)
         result = cal.calibrate(records, obj.config, cal.Target.parse(target, max_cost_usd),
                                max_rungs=max_rungs, source=str(train), cv_folds=cv_folds,
-                               seed=seed)
-        data = cal.policy_config(result, obj.config, cal.load_raw_config(obj.config))
+                               seed=seed, scorer_folds=scorer_folds if use_scorer else 0)
+        data = cal.policy_config(result, obj.config, cal.load_raw_config(obj.config),
+                                 scorer_dir=cal.scorer_dir_for(output), base=output.parent)
         output.write_text(cal.to_toml(data, cal.header(result)), "utf-8")
-    except (cal.CalibrationError, ReplayFormatError, OSError) as e:
+    except (cal.CalibrationError, ReplayFormatError, ScorerError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         _print_json(result.to_dict() | {"output": str(output)})

@@ -297,7 +297,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {e}") from e
     if path is not None:
         _anchor_replay_path(data, Path(path).resolve().parent)
+        _anchor_scorer_paths(data, Path(path).resolve().parent)
     return parse_config(data, source)
+
+
+def _anchor_scorer_paths(data: dict[str, Any], base: Path) -> None:
+    """A relative ``model_file`` of a ``scorer`` check means "next to this config file":
+    ``batchroute calibrate`` writes the scorer weights beside the policy it writes."""
+    tasks = data.get("tasks")
+    for task in tasks.values() if isinstance(tasks, dict) else ():
+        specs = task.get("validators") if isinstance(task, dict) else None
+        for spec in specs if isinstance(specs, list) else ():
+            ref = spec.get("model_file") if isinstance(spec, dict) else None
+            if isinstance(spec, dict) and spec.get("type") == "scorer" and \
+                    isinstance(ref, str) and ref and not Path(ref).is_absolute():
+                spec["model_file"] = str(base / ref)
 
 
 def _anchor_replay_path(data: dict[str, Any], base: Path) -> None:

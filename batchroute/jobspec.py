@@ -159,6 +159,10 @@ def _parse_obj(obj: dict[str, Any], custom_id: str, config: Config) -> JobSpec:
     validators = opts.get("validators", [])
     if not isinstance(validators, list):
         raise LineProblem("batchroute.validators: must be a list")
+    if any(isinstance(v, dict) and v.get("type") == "scorer" for v in validators):
+        # A scorer names a weight file on the workers: job lines are untrusted input.
+        raise LineProblem("batchroute.validators: 'scorer' checks are set in the routing "
+                          "config (batchroute calibrate writes them), not in job lines")
     try:
         validate_specs(validators, config.custom_validators)
         implied = validators_for_response_format(body.get("response_format"))

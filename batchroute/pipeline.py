@@ -86,7 +86,7 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
     if completion is not None:
         completion = consensus.majority_first(completion, specs)  # the voted answer first
         verdicts = run_validators(build_validators(specs, rt.config.custom_validators),
-                                  completion)
+                                  completion, request=job.body)
         ok = passed(verdicts)
         row["outcome"] = "ok" if ok else "invalid"
         row["reason"] = "" if ok else failure_reason(verdicts)

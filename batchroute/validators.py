@@ -11,9 +11,11 @@ to import. Custom checks are looked up by name in an operator-supplied mapping.
 
 Every check judges one completion. The `consensus` check reads all the choices
 of that completion (the pipeline asks for ``n = k`` of them, see
-`batchroute.consensus`). Any spec may carry ``"tiers": [1, 2]`` to run only on
-attempts at those tiers (see `specs_for_tier`): a check whose only effect is to
-escalate is pointless, and costly, at the top of a ladder.
+`batchroute.consensus`). The `scorer` check also reads the request (its last user
+message): a learned P(answer correct | prompt, answer) that `batchroute calibrate`
+fits and writes as a JSON weight file (`batchroute.scorer`). Any spec may carry
+``"tiers": [1, 2]`` to run only on attempts at those tiers (see `specs_for_tier`): a
+check whose only effect is to escalate is pointless, and costly, at the top of a ladder.
 """
 
 from __future__ import annotations
@@ -589,6 +591,32 @@ class _Consensus(_Base):
                           f"{self.min_agree} needed", score)
 
 
+class _ScorerCheck(_Base):
+    """Accept when a learned scorer (``batchroute.scorer``, fitted by ``batchroute
+    calibrate``) gives the answer P(correct | prompt, answer) >= threshold.
+
+    It reads the request as well as the completion, so the pipeline passes the request
+    to ``run_validators``; without it the check fails (escalates) rather than guess.
+    """
+
+    wants_request = True
+
+    def __init__(self, name: str, model: Any, threshold: float, label: str) -> None:
+        super().__init__(name)
+        self.model = model
+        self.threshold = threshold
+        self.label = label
+
+    def check(self, completion: Completion) -> Verdict:
+        return self._fail("scorer: the request was not passed to the check")
+
+    def check_request(self, completion: Completion, request: Mapping[str, Any]) -> Verdict:
+        p = self.model.score_request(request, completion.content)
+        if p >= self.threshold:
+            return self._ok(p, f"scorer {self.label}: {p:.3f} >= {self.threshold:g}")
+        return self._fail(f"scorer {self.label}: P(correct) {p:.3f} < {self.threshold:g}", p)
+
+
 class _Custom(_Base):
     """Wraps an operator-supplied callable; its failures become failed verdicts so
     that one buggy check cannot take down a whole batch."""
@@ -769,6 +797,28 @@ def _make_consensus(name: str, p: _Params, custom: _Mapping) -> Validator:
     return _Consensus(name, k, min_agree, extract, p.flag("case_sensitive", False))
 
 
+def _make_scorer(name: str, p: _Params, custom: _Mapping) -> Validator:
+    from batchroute import scorer
+
+    threshold = p.number("threshold")
+    if not 0.0 <= threshold <= 1.0:
+        raise p.error("'threshold' is a probability (P(answer correct)) in [0, 1]")
+    if p.has("model") == p.has("model_file"):
+        raise p.error("give exactly one of 'model_file' (a JSON file written by "
+                      "`batchroute calibrate`) or 'model' (the same JSON inline)")
+    try:
+        if p.has("model_file"):
+            path = p.string("model_file")
+            model = scorer.load(path)
+            label = path.rsplit("/", 1)[-1]
+        else:
+            model = scorer.Scorer.from_dict(p.raw("model"), "'model'")
+            label = "inline"
+    except scorer.ScorerError as e:
+        raise p.error(str(e)) from None
+    return _ScorerCheck(name, model, threshold, label)
+
+
 def _make_custom(name: str, p: _Params, custom: _Mapping) -> Validator:
     custom_name = p.string("name") if name == "custom" else name
     params = p.rest()
@@ -791,6 +841,7 @@ _BUILTINS: dict[str, _Factory] = {
     "python_syntax": _make_python_syntax,
     "logprob_confidence": _make_logprob_confidence,
     "consensus": _make_consensus,
+    "scorer": _make_scorer,
     "custom": _make_custom,
 }
 
@@ -808,6 +859,7 @@ _KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "python_syntax": frozenset({"test"}),
     "logprob_confidence": frozenset({"threshold", "missing_ok"}),
     "consensus": frozenset({"k", "min_agree", "extract", "case_sensitive"}),
+    "scorer": frozenset({"threshold", "model_file", "model"}),
 }
 
 #: Spec types this module builds (custom names registered by the operator come on top).
@@ -910,12 +962,22 @@ def _build_all(specs: Any, custom: _Mapping) -> list[Validator]:
 # ----------------------------------------------------------------------- running
 
 
-def run_validators(validators: Sequence[Validator], completion: Completion) -> list[Verdict]:
+def run_validators(validators: Sequence[Validator], completion: Completion,
+                   request: Mapping[str, Any] | None = None) -> list[Verdict]:
     """Run every check, even after a failure: the escalation record should list all
-    problems, and some callers weigh verdicts rather than stopping at the first."""
+    problems, and some callers weigh verdicts rather than stopping at the first.
+
+    ``request`` (the request body) is handed to the checks that judge the answer *to
+    that query* (``wants_request``, e.g. the learned scorer); the others see only the
+    completion, as before.
+    """
     verdicts: list[Verdict] = []
     for validator in validators:
         try:
+            if request is not None and getattr(validator, "wants_request", False):
+                check_request = validator.check_request  # type: ignore[attr-defined]
+                verdicts.append(check_request(completion, request))
+                continue
             verdicts.append(validator.check(completion))
         except Exception as exc:  # one broken check must not hide the rest
             name = getattr(validator, "name", type(validator).__name__)

@@ -88,7 +88,8 @@ def _score_dict(score: cal.Score) -> dict[str, Any]:
 def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
             target: str | None = None, max_cost_usd: float | None = None,
             max_rungs: int = cal.DEFAULT_MAX_RUNGS, cv_folds: int = 5, seed: int = 0,
-            concurrency: int = 32) -> dict[str, Any]:
+            concurrency: int = 32, scorer_folds: int = 0,
+            scorer_bank: cal.ScorerBank | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     config = load_config(config_path)
     train, test = load_records(train_path), load_records(test_path)
@@ -99,12 +100,14 @@ def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
     started = time.perf_counter()
     calibration = cal.calibrate(train, config, cal.Target.parse(target, max_cost_usd),
                                 max_rungs=max_rungs, source=str(train_path),
-                                cv_folds=cv_folds, seed=seed)
+                                cv_folds=cv_folds, seed=seed, scorer_folds=scorer_folds,
+                                scorer_bank=scorer_bank)
     fit_s = time.perf_counter() - started
-    data = cal.policy_config(calibration, config, cal.load_raw_config(config))
+    calibrated = workdir / "calibrated.toml"
+    data = cal.policy_config(calibration, config, cal.load_raw_config(config),
+                             scorer_dir=cal.scorer_dir_for(calibrated), base=workdir)
     # The simulator answers the test queries only: nothing else is reachable in the run.
     data.setdefault("simulator", {})["replay"] = str(test_path.resolve())
-    calibrated = workdir / "calibrated.toml"
     calibrated.write_text(cal.to_toml(data, cal.header(calibration)), "utf-8")
     run_config: Config = load_config(calibrated)
 
@@ -144,6 +147,7 @@ def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
     result = {
         "train": str(train_path), "test": str(test_path), "config": str(config_path),
         "target": calibration.target.describe(), "queries": {"train": len(train), "test": n},
+        "scorer_folds": scorer_folds,
         "policy": {t: c.policy.describe() for t, c in calibration.tasks.items()},
         "calibration": calibration.to_dict(),
         "calibrated_config": str(calibrated),
@@ -185,7 +189,8 @@ def _target_met(target: cal.Target, correct: int, cost: float, n: int,
 
 
 def run_all(out: Path, data_dir: str | None, seeds: list[int], targets: list[str],
-            names: list[str], test_fraction: float, cv_folds: int) -> list[dict[str, Any]]:
+            names: list[str], test_fraction: float, cv_folds: int,
+            scorer_folds: int = 0) -> list[dict[str, Any]]:
     root = convert_evaldata.data_dir(data_dir)
     rows = []
     for name in names:
@@ -193,11 +198,16 @@ def run_all(out: Path, data_dir: str | None, seeds: list[int], targets: list[str
         for seed in seeds:
             folder = out / name / f"seed{seed}"
             info = convert_evaldata.write_dataset(dataset, folder, seed, test_fraction)
+            # Both targets calibrate the same training file with the same folds: one bank
+            # so the scorers are fitted once (their fits do not depend on the target).
+            bank = cal.ScorerBank(scorer_folds, seed) if scorer_folds else None
             for target in targets:
-                workdir = folder / ("run-" + target.replace("%", "pct"))
+                workdir = folder / ("run-" + target.replace("%", "pct")
+                                    + ("-scorer" if scorer_folds else ""))
                 result = run_one(folder / "train.jsonl", folder / "test.jsonl",
                                  folder / "config.toml", workdir, target=target,
-                                 cv_folds=cv_folds, seed=seed)
+                                 cv_folds=cv_folds, seed=seed, scorer_folds=scorer_folds,
+                                 scorer_bank=bank)
                 result.update(dataset=name, seed=seed, target_arg=target, notes=info["notes"])
                 rows.append(result)
                 print(_summary(result), file=sys.stderr, flush=True)
@@ -280,17 +290,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --all: comma-separated split seeds")
     ap.add_argument("--targets", default=",".join(TARGETS), help="with --all")
     ap.add_argument("--test-fraction", type=float, default=convert_evaldata.DEFAULT_TEST_FRACTION)
+    ap.add_argument("--scorer", action="store_true",
+                    help="let calibration add learned per-query scorers (needs scikit-learn)")
+    ap.add_argument("--scorer-folds", type=int, default=cal.DEFAULT_SCORER_FOLDS,
+                    help="with --scorer: inner folds for out-of-fold scores")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--markdown", action="store_true", help="with --all: print a table")
     args = ap.parse_args(argv)
     configure_logging("WARNING")
+    scorer_folds = args.scorer_folds if args.scorer else 0
     if args.all:
         names = [n for n in args.only.split(",") if n] or list(convert_evaldata.DATASETS)
         out = args.out or Path(tempfile.mkdtemp(prefix="batchroute-replay-"))
         rows = run_all(out, args.data_dir, [int(s) for s in args.seeds.split(",")],
                        [t for t in args.targets.split(",") if t], names, args.test_fraction,
-                       args.cv)
-        (out / "results.json").write_text(json.dumps(rows, indent=2), "utf-8")
+                       args.cv, scorer_folds)
+        name = "results-scorer.json" if scorer_folds else "results.json"
+        (out / name).write_text(json.dumps(rows, indent=2), "utf-8")
         if args.json:
             print(json.dumps(rows, indent=2))
         if args.markdown or not args.json:
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or args.train.parent / "config.toml"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="batchroute-replay-"))
     result = run_one(args.train, args.test, config, workdir, args.target, args.max_cost_usd,
-                     args.max_rungs, args.cv)
+                     args.max_rungs, args.cv, scorer_folds=scorer_folds)
     print(json.dumps(result, indent=2) if args.json else _summary(result))
     return 0
 
