@@ -97,6 +97,13 @@ class Proc:
         self._log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc): per job, a figure that a
+    busy machine disturbs far less than jobs/s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
@@ -138,9 +145,11 @@ def run_batchroute(env: dict[str, str], config: Path, tmp: Path, jobs: int,
         wait(lambda: finished(warm.batch_id) >= 200, 120,
              f"the warm-up batch; worker log: {worker.log_path}", 0.2)
         batch = ingest_file(cfg, store, None, make_lines(tmp / "run.jsonl", jobs, "run"))
+        cpu0 = cpu_seconds(worker.proc.pid)
         t0 = time.perf_counter()
         publish(batch.batch_id)
         t1 = wait(lambda: finished(batch.batch_id) >= jobs, 1800, "the batch", 0.05)
+        cpu = cpu_seconds(worker.proc.pid) - cpu0
     finally:
         worker.stop()
     times = sorted(j.finished_at.timestamp() for j in store.iter_jobs(batch.batch_id)
@@ -150,6 +159,7 @@ def run_batchroute(env: dict[str, str], config: Path, tmp: Path, jobs: int,
     counts = store.state_counts(batch.batch_id)
     return {"jobs": jobs, "attempts": attempts, "succeeded": counts.get("succeeded", 0),
             "seconds": round(t1 - t0, 2), "jobs_per_s": round(jobs / (t1 - t0), 1),
+            "worker_cpu_ms_per_job": round(1000 * cpu / jobs, 3),
             "steady_jobs_per_s": round((len(times) * 0.8) / (hi - lo), 1) if hi > lo else None}
 
 
@@ -171,12 +181,15 @@ def run_noop(env: dict[str, str], tmp: Path, jobs: int, concurrency: int) -> dic
     try:
         pub.publish([(f"warm{i}", 1, "bench.noop") for i in range(200)])
         wait(drained, 120, f"the no-op warm-up; worker log: {worker.log_path}", 0.1)
+        cpu0 = cpu_seconds(worker.proc.pid)
         t0 = time.perf_counter()
         pub.publish([(f"j{i}", 1, "bench.noop") for i in range(jobs)])
         t1 = wait(drained, 600, "the no-op batch", 0.01)
+        cpu = cpu_seconds(worker.proc.pid) - cpu0
     finally:
         worker.stop()
-    return {"jobs": jobs, "seconds": round(t1 - t0, 2), "jobs_per_s": round(jobs / (t1 - t0), 1)}
+    return {"jobs": jobs, "seconds": round(t1 - t0, 2), "jobs_per_s": round(jobs / (t1 - t0), 1),
+            "worker_cpu_ms_per_job": round(1000 * cpu / jobs, 3)}
 
 
 def main() -> None:
@@ -231,6 +244,9 @@ def main() -> None:
                 out["noop"] = run_noop(env, tmp, jobs, concurrency)
                 out["ratio"] = round(out["batchroute"]["jobs_per_s"]
                                      / out["noop"]["jobs_per_s"], 3)
+                # The same comparison in CPU: no-op's CPU per task / batchroute's per job.
+                out["cpu_ratio"] = round(out["noop"]["worker_cpu_ms_per_job"]
+                                         / out["batchroute"]["worker_cpu_ms_per_job"], 3)
             else:
                 ideal = concurrency / (latency_ms / 1000)
                 out["ideal_jobs_per_s"] = ideal
@@ -259,6 +275,8 @@ def main() -> None:
         print(f"bare Celery no-op: {n['jobs']} tasks in {n['seconds']} s = {n['jobs_per_s']} "
               f"tasks/s")
         print(f"batchroute / no-op: {out['ratio']:.1%}")
+        print(f"worker CPU per job: batchroute {b['worker_cpu_ms_per_job']} ms, no-op "
+              f"{n['worker_cpu_ms_per_job']} ms (ratio {out['cpu_ratio']:.1%})")
     else:
         print(f"ideal (concurrency / latency): {out['ideal_jobs_per_s']:g} jobs/s; "
               f"achieved {out['share_of_ideal']:.1%} end to end, "
