@@ -13,6 +13,7 @@ every app built by ``make_celery``, the no-op baseline of benchmarks/worker_benc
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from celery.worker.consumer import Consumer
@@ -42,3 +43,17 @@ class EventBatchingConsumer(Consumer):
         # Cleared before the flush: an event buffered during it schedules the next one.
         self._event_flush_due = False
         self._flush_events()
+
+    def stop(self) -> None:
+        # Celery does not flush its event buffer when it stops: send what the timer holds.
+        self._flush_quietly()
+        super().stop()
+
+    def shutdown(self) -> None:
+        self._flush_quietly()
+        super().shutdown()
+
+    def _flush_quietly(self) -> None:
+        # The broker may already be gone; events are monitoring only.
+        with contextlib.suppress(Exception):
+            self._flush_events()
