@@ -199,6 +199,15 @@ def engine_url(url: str) -> str:
     return url
 
 
+def _server_engine(url: Any, **options: Any) -> Engine:
+    """An engine for a database server: a pool sized for a worker's threads, whose
+    connections are pinged only after sitting idle."""
+    engine = create_engine(url, pool_size=10, max_overflow=40, **options)
+    event.listen(engine, "checkin", _mark_idle)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
 def autocommit_engine(engine: Engine) -> Engine:
     """A PostgreSQL engine whose connections stay in autocommit, for the hot path's single
     statements. Its own pool rather than ``execution_options(isolation_level=...)`` on the
@@ -208,10 +217,7 @@ def autocommit_engine(engine: Engine) -> Engine:
     with _engines_lock:
         auto = _engines.get(key)
         if auto is None:
-            auto = create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_size=10,
-                                 max_overflow=40)
-            event.listen(auto, "checkin", _mark_idle)
-            event.listen(auto, "checkout", _ping_if_idle)
+            auto = _server_engine(engine.url, isolation_level="AUTOCOMMIT")
             _engines[key] = auto
         return auto
 
@@ -231,9 +237,7 @@ def get_engine(url: str | None = None) -> Engine:
                                                           "timeout": 30})
                 event.listen(engine, "connect", _sqlite_pragmas)
             else:
-                engine = create_engine(engine_url(url), pool_size=10, max_overflow=40)
-                event.listen(engine, "checkin", _mark_idle)
-                event.listen(engine, "checkout", _ping_if_idle)
+                engine = _server_engine(engine_url(url))
             _create_schema(engine)
             _engines[url] = engine
         return engine
@@ -385,20 +389,17 @@ class Store:
             s.commit()
 
     # ---- ingestion -----------------------------------------------------------------------
-    def _insert_ignore_stmt(self, table: Any) -> Any:
-        """INSERT .. ON CONFLICT DO NOTHING in this store's dialect."""
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing()
-        if dialect == "sqlite":
-            return sqlite.insert(table).on_conflict_do_nothing()
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
-
     def _insert_ignore(self, table: Any, rows: Sequence[dict[str, Any]]) -> int:
         """INSERT .. ON CONFLICT DO NOTHING; returns the rows inserted (exact for one row)."""
         if not rows:
             return 0
-        stmt = self._insert_ignore_stmt(table)
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            stmt = sqlite.insert(table).on_conflict_do_nothing()
+        else:  # pragma: no cover - other databases are not supported yet
+            raise RuntimeError(f"unsupported database dialect {dialect!r}")
         with self.engine.begin() as conn:
             if len(rows) == 1:
                 return int(conn.execute(stmt.values(**rows[0])).rowcount)
