@@ -163,7 +163,8 @@ def run_batchroute(env: dict[str, str], config: Path, tmp: Path, jobs: int,
             "steady_jobs_per_s": round((len(times) * 0.8) / (hi - lo), 1) if hi > lo else None}
 
 
-def run_noop(env: dict[str, str], tmp: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+def run_noop(env: dict[str, str], tmp: Path, jobs: int, concurrency: int,
+             sleep_ms: float = 0.0) -> dict[str, Any]:
     import redis
 
     from batchroute.publish import RedisBulkPublisher
@@ -172,8 +173,8 @@ def run_noop(env: dict[str, str], tmp: Path, jobs: int, concurrency: int) -> dic
 
     client = redis.Redis.from_url(REDIS_URL)
     pub = RedisBulkPublisher(noop_app, task_name=NOOP_TASK)
-    worker = Proc(worker_cmd("benchmarks.noop_worker", "bench.noop", concurrency), env,
-                  tmp / "noop.log")
+    worker = Proc(worker_cmd("benchmarks.noop_worker", "bench.noop", concurrency),
+                  {**env, "BENCH_NOOP_SLEEP_MS": str(sleep_ms)}, tmp / f"noop{sleep_ms:g}.log")
 
     def drained() -> bool:
         return int(client.llen("bench.noop")) == 0 and int(client.hlen("unacked")) == 0
@@ -198,6 +199,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int)
     ap.add_argument("--concurrency", type=int)
     ap.add_argument("--latency-ms", type=float)
+    ap.add_argument("--sleepy-noop-ms", type=float, default=0.0,
+                    help="overhead: also run a no-op that sleeps this long (a task as slow "
+                         "as a job, with none of its work)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     overhead = a.mode == "overhead"
@@ -242,6 +246,9 @@ def main() -> None:
             out["batchroute"] = run_batchroute(env, config, tmp, jobs, concurrency)
             if overhead:
                 out["noop"] = run_noop(env, tmp, jobs, concurrency)
+                if a.sleepy_noop_ms:
+                    out["sleepy_noop"] = run_noop(env, tmp, jobs, concurrency,
+                                                  a.sleepy_noop_ms)
                 out["ratio"] = round(out["batchroute"]["jobs_per_s"]
                                      / out["noop"]["jobs_per_s"], 3)
                 # The same comparison in CPU: no-op's CPU per task / batchroute's per job.
@@ -277,6 +284,10 @@ def main() -> None:
         print(f"batchroute / no-op: {out['ratio']:.1%}")
         print(f"worker CPU per job: batchroute {b['worker_cpu_ms_per_job']} ms, no-op "
               f"{n['worker_cpu_ms_per_job']} ms (ratio {out['cpu_ratio']:.1%})")
+        if "sleepy_noop" in out:
+            z = out["sleepy_noop"]
+            print(f"no-op sleeping {a.sleepy_noop_ms:g} ms: {z['jobs_per_s']} tasks/s, worker "
+                  f"CPU {z['worker_cpu_ms_per_job']} ms per task")
     else:
         print(f"ideal (concurrency / latency): {out['ideal_jobs_per_s']:g} jobs/s; "
               f"achieved {out['share_of_ideal']:.1%} end to end, "
