@@ -5,7 +5,7 @@ after every event. A no-op task finishes so fast that many events share one publ
 batchroute job takes milliseconds to seconds, so each of its three events
 (received, started, succeeded) went out in a publish of its own, on the worker's single
 event-loop thread: ~20% of a busy worker's CPU (py-spy, zero-latency simulator). This
-consumer publishes the buffer at most every ``EVENT_FLUSH_S`` instead (Celery still
+consumer publishes the buffer every 50 ms instead (``BATCHROUTE_EVENT_FLUSH_S``; Celery still
 publishes at once when the buffer holds ``buffer_limit`` events), so Flower sees a task
 at most that much later. `batchroute.broker` installs it as ``worker_consumer`` for
 every app built by ``make_celery``, the no-op baseline of benchmarks/worker_bench.py too.
