@@ -18,6 +18,7 @@ from batchroute.store import lease_seconds
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 TASK_NAME = "batchroute.process_job"
+CHUNK_TASK = "batchroute.process_jobs"
 SWEEP_TASK = "batchroute.sweep"
 SWEEP_QUEUE = "batchroute.sweep"
 

@@ -7,6 +7,7 @@ embedded `batchroute run` behave exactly like the distributed deployment.
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,8 +16,8 @@ from typing import Protocol
 
 import structlog
 
-from batchroute.broker import TASK_NAME, make_celery
-from batchroute.publish import REDIS_SCHEMES, RedisBulkPublisher
+from batchroute.broker import CHUNK_TASK, TASK_NAME, make_celery
+from batchroute.publish import REDIS_SCHEMES, RedisBulkPublisher, chunks
 
 log = structlog.get_logger("batchroute.dispatch")
 
@@ -27,14 +28,33 @@ class Dispatcher(Protocol):
     def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None: ...
 
 
-class CeleryDispatcher:
-    """Publishes ids only: Flower shows task arguments, so bodies and secrets never go there."""
+DEFAULT_MAX_CHUNK = 16
 
-    def __init__(self, app: object | None = None) -> None:
+
+def max_chunk() -> int:
+    """Most jobs one message carries (BATCHROUTE_CHUNK_SIZE, default 16; 1: one job per
+    message). More amortises a message's cost further but lengthens a batch's tail: a
+    chunk's jobs run one after the other."""
+    value = os.environ.get("BATCHROUTE_CHUNK_SIZE") or ""
+    try:
+        return max(1, int(value)) if value.strip() else DEFAULT_MAX_CHUNK
+    except ValueError:
+        raise ValueError(f"BATCHROUTE_CHUNK_SIZE={value!r}: expected a whole number of jobs "
+                         "per message (1 turns chunking off)") from None
+
+
+class CeleryDispatcher:
+    """Publishes ids only: Flower shows task arguments, so bodies and secrets never go there.
+
+    A large publish (a batch's first attempts, a resume) puts several jobs in a message
+    (`process_jobs`); a single job (a retry, an escalation) gets its own (`process_job`)."""
+
+    def __init__(self, app: object | None = None, max_chunk_size: int | None = None) -> None:
         from celery import Celery
 
         self.app: Celery = app if isinstance(app, Celery) else make_celery("batchroute-client")
         self._bulk: RedisBulkPublisher | None = None
+        self.max_chunk = max_chunk_size if max_chunk_size is not None else max_chunk()
 
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
         self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
@@ -46,13 +66,21 @@ class CeleryDispatcher:
         if self._bulk is None and str(self.app.conf.broker_url).startswith(REDIS_SCHEMES):
             self._bulk = RedisBulkPublisher(self.app)
         if self._bulk is not None:
-            self._bulk.publish(items)
+            self._bulk.publish(items, self.max_chunk)
             return
+        jobs_of: dict[str, list[tuple[str, int]]] = {}
+        for job_id, attempt_no, queue in items:
+            jobs_of.setdefault(queue, []).append((job_id, attempt_no))
         # One connection for the whole chunk instead of one per message.
         with self.app.producer_or_acquire() as producer:
-            for job_id, attempt_no, queue in items:
-                self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
-                                   producer=producer)
+            for queue, pairs in jobs_of.items():
+                for group in chunks(pairs, self.max_chunk):
+                    if len(group) == 1:
+                        self.app.send_task(TASK_NAME, args=list(group[0]), queue=queue,
+                                           producer=producer)
+                    else:
+                        self.app.send_task(CHUNK_TASK, args=[[list(p) for p in group]],
+                                           queue=queue, producer=producer)
 
 
 class LocalDispatcher:

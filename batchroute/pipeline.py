@@ -10,6 +10,7 @@ SQL store telling the truth.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import structlog
@@ -24,7 +25,7 @@ from batchroute.providers import ProviderError, call
 from batchroute.ratelimit import Grant
 from batchroute.router import pick_model
 from batchroute.runtime import Runtime
-from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job
+from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
 from batchroute.tokens import max_completion
 from batchroute.validators import (
     build_validators,
@@ -43,10 +44,102 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
     if job is None:
         log.debug("duplicate_or_stale_message", job_id=job_id, attempt=attempt_no)
         return "skipped"
+    return run_claimed(rt, job, Writes(rt, defer=False))
+
+
+def process_chunk(rt: Runtime, pairs: list[tuple[str, int]]) -> dict[str, int]:
+    """Run one attempt of each job of a chunk message, one after the other; returns how
+    many ended how.
+
+    Why chunks: a Celery message costs a worker about as much CPU as a whole zero-latency
+    attempt (receive, bookkeeping, events, ack), and so do the claim's and the finish's
+    round trips. Here a chunk's jobs are claimed in one statement and their finishes
+    written together (see `Writes`), so those costs are paid once per chunk.
+    `dispatch.chunk_size` keeps chunks small enough to spread a batch over every thread.
+    """
+    claimed = rt.store.claim_many(pairs)
+    outcomes: dict[str, int] = {}
+    if len(claimed) < len(pairs):
+        outcomes["skipped"] = len(pairs) - len(claimed)
+        log.debug("duplicate_or_stale_messages", skipped=len(pairs) - len(claimed))
+    writes = Writes(rt, defer=True)
+    started = time.monotonic()
+    try:
+        for index, job in enumerate(claimed):
+            began = time.monotonic()
+            if began - started > rt.store.lease_s / 2:
+                # Slow calls: hand the jobs not started back before their claims lapse.
+                outcomes["given_back"] = _give_back(rt, claimed[index:])
+                break
+            try:
+                what = run_claimed(rt, job, writes)
+            except Exception:  # as for a lone job: it stays running, the sweeper takes it
+                log.exception("job_crashed", batch_id=job.batch_id, job_id=job.id,
+                              attempt=job.attempt_no)
+                what = "crashed"
+            outcomes[what] = outcomes.get(what, 0) + 1
+            if writes.due(time.monotonic() - began):
+                writes.flush()
+    finally:
+        writes.flush()
+    return outcomes
+
+
+def _give_back(rt: Runtime, jobs: list[Job]) -> int:
+    back = [(j.id, j.attempt_no, rt.config.providers[j.provider].queue) for j in jobs
+            if rt.store.put_back(j.id, j.attempt_no)]
+    rt.dispatcher.enqueue_many(back)
+    log.warning("chunk_given_back", jobs=len(back))
+    return len(back)
+
+
+class Writes:
+    """Where an attempt's final move goes: straight to the store, or, in a chunk, held
+    and written with the chunk's others in one round trip.
+
+    Only moves nobody waits on are held: a finished job (succeeded or failed). A move
+    that publishes a next message (retry, failover, escalation) is written at once,
+    because the message may only go out once the store says the job moved. Held moves
+    are written when the chunk ends, or as soon as a job is done once the oldest of them
+    is FLUSH_AFTER_S old or that job's call took as long (calls that slow make the
+    chunk latency-bound: a write per job costs nothing there). So at zero latency a
+    chunk writes once; a finished job waits at most for the next job's call. A worker
+    killed meanwhile loses the held moves with their claims, and the sweeper runs those
+    jobs again (the answer was paid for twice, nothing is lost)."""
+
+    FLUSH_AFTER_S = 0.25
+
+    def __init__(self, rt: Runtime, defer: bool) -> None:
+        self.rt, self.defer = rt, defer
+        self.pending: list[Move] = []
+        self._since = 0.0
+
+    def finish(self, job: Job, attempt: Attempt | None, **values: Any) -> None:
+        if not self.defer:
+            self.rt.store.transition(job.id, job.attempt_no, attempt, **values)
+            return
+        if not self.pending:
+            self._since = time.monotonic()
+        self.pending.append(Move(job.id, job.attempt_no, attempt, values))
+
+    def due(self, last_job_s: float) -> bool:
+        return bool(self.pending) and (
+            last_job_s >= self.FLUSH_AFTER_S
+            or time.monotonic() - self._since >= self.FLUSH_AFTER_S)
+
+    def flush(self) -> None:
+        if self.pending:
+            moves, self.pending = self.pending, []
+            self.rt.store.transition_many(moves)
+
+
+def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
+    """One attempt of a job this worker has claimed: route, call, record, validate, decide."""
+    attempt_no = job.attempt_no
     jlog = log.bind(batch_id=job.batch_id, job_id=job.id, custom_id=job.custom_id,
                     attempt=attempt_no, tier=job.tier)
     if job.model not in rt.config.models:
-        return _finish_failed(rt, job, "unknown_model",
+        return _finish_failed(rt, writes, job, "unknown_model",
                               f"model {job.model!r} is not in the routing config any more")
     if attempt_no == 1 and rt.cascade.enabled:  # the adaptive cascade may skip the start tier
         job, moved = cascade_start(rt, job)
@@ -55,7 +148,7 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
         jlog = jlog.bind(tier=job.tier)
     model = _choose_model(rt, job)
     if model is None:
-        return _no_model_now(rt, job)
+        return _no_model_now(rt, job, writes)
     jlog = jlog.bind(model=model.name)
     provider = rt.config.provider_of(model)
     specs = _validator_specs(rt, job, model.tier)
@@ -65,7 +158,7 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
         hold = rt.budget.hold(job.batch_id, _max_cost(job, body, model), bool(job.escalations))
     except BudgetRefused as e:
         jlog.warning("budget_refused", reason=e.message)
-        return _finish_failed(rt, job, "budget_exhausted", e.message, model=model.name,
+        return _finish_failed(rt, writes, job, "budget_exhausted", e.message, model=model.name,
                               provider=model.provider)
     grant = rt.limiter.acquire(model, provider, job)  # may sleep up to ~1 s for capacity
     if grant.deferred:
@@ -102,7 +195,7 @@ def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
               cost_usd=attempt.cost_usd, latency_ms=round(attempt.latency_ms, 1),
               reason=attempt.reason or None)
     # The Attempt row is written by the transition that moves the job on, in its transaction.
-    return _apply(rt, job, model, attempt, decision, completion, verdicts)
+    return _apply(rt, writes, job, model, attempt, decision, completion, verdicts)
 
 
 def _available(rt: Runtime, tier: int, pin: str | None, exclude: set[str]) -> ModelConfig | None:
@@ -135,7 +228,7 @@ def _feed_breaker(rt: Runtime, model: ModelConfig, error: ProviderError | None,
                      last_error=error.kind.value)
 
 
-def _no_model_now(rt: Runtime, job: Job) -> str:
+def _no_model_now(rt: Runtime, job: Job, writes: Writes) -> str:
     """Every model of the job's tier is cooling down: wait for a probe to close one, a
     bounded number of times, then let the next tier up take the job."""
     waited = int(job.options.get("deferrals", 0))
@@ -155,7 +248,7 @@ def _no_model_now(rt: Runtime, job: Job) -> str:
                                    options=options | {"deferrals": 0}):
                 rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[m.provider].queue)
             return "escalated_past_outage"
-    return _finish_failed(rt, job, "no_model_available",
+    return _finish_failed(rt, writes, job, "no_model_available",
                           f"every model of tiers {job.ladder[job.tier_index:]} stayed in "
                           f"cooldown after {waited} waits")
 
@@ -223,7 +316,8 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
                     max_retries=rt.config.provider_of(model).max_retries)
 
 
-def _apply(rt: Runtime, job: Job, model: ModelConfig, attempt: Attempt, decision: Decision,
+def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: Attempt,
+           decision: Decision,
            completion: Completion | None, verdicts: list[Any]) -> str:
     """Carry out the policy's decision: exactly one guarded transition, which also records
     the attempt, then (for a retry, failover or escalation) the next message."""
@@ -231,13 +325,12 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, attempt: Attempt, decision
                     for v in verdicts]
     if decision.action is Action.SUCCEED:
         assert completion is not None
-        rt.store.transition(job.id, job.attempt_no, attempt, state=SUCCEEDED,
-                            result=completion.body,
-                            verdicts=verdict_rows, error=None, model=model.name,
-                            provider=model.provider)
+        writes.finish(job, attempt, state=SUCCEEDED, result=completion.body,
+                      verdicts=verdict_rows, error=None, model=model.name,
+                      provider=model.provider)
         return "succeeded"
     if decision.action is Action.FAIL:
-        return _finish_failed(rt, job, decision.error_code or "failed", decision.reason,
+        return _finish_failed(rt, writes, job, decision.error_code or "failed", decision.reason,
                               verdict_rows, attempt, model=model.name, provider=model.provider)
 
     options = dict(job.options)
@@ -257,7 +350,7 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, attempt: Attempt, decision
                     tier_index = index
                     break
         if next_model is None:
-            return _finish_failed(rt, job, "no_model_left",
+            return _finish_failed(rt, writes, job, "no_model_left",
                                   f"{decision.reason}; no model left on the ladder", verdict_rows,
                                   attempt)
         if next_model.tier != model.tier:
@@ -279,12 +372,11 @@ def _apply(rt: Runtime, job: Job, model: ModelConfig, attempt: Attempt, decision
     return decision.action.value
 
 
-def _finish_failed(rt: Runtime, job: Job, code: str, message: str,
+def _finish_failed(rt: Runtime, writes: Writes, job: Job, code: str, message: str,
                    verdicts: list[dict[str, Any]] | None = None, attempt: Attempt | None = None,
                    **values: Any) -> str:
     # Without verdicts of its own (nothing was called), the job keeps those of its last attempt.
-    rt.store.transition(job.id, job.attempt_no, attempt, state=FAILED,
-                        error={"code": code, "message": message},
-                        verdicts=job.verdicts if verdicts is None else verdicts, **values)
+    writes.finish(job, attempt, state=FAILED, error={"code": code, "message": message},
+                  verdicts=job.verdicts if verdicts is None else verdicts, **values)
     log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)
     return "failed"

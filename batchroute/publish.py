@@ -35,7 +35,7 @@ from typing import Any
 
 from celery import Celery
 
-from batchroute.broker import TASK_NAME
+from batchroute.broker import CHUNK_TASK, TASK_NAME
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _LPUSH_MAX = 1000  # values per LPUSH: keeps any one command (and Redis' reply buffer) small
@@ -45,8 +45,26 @@ _TID, _ARGSREPR, _BODY, _TAG, _QUEUE = "@@T@@", "@@A@@", "@@B@@", "@@G@@", "@@Q@
 
 
 # Protocol 2 body: (args, kwargs, embed), what `as_task_v2` builds with no callbacks.
-_BODY_FORMAT = ('[[%s, %d], {}, {"callbacks": null, "errbacks": null, "chain": null, '
+_BODY_FORMAT = ('[%s, {}, {"callbacks": null, "errbacks": null, "chain": null, '
                 '"chord": null}]')
+
+
+# A publish is split into at least this many messages per queue before jobs share one: a
+# chunk runs its jobs one after the other on one worker thread, so a batch needs many more
+# messages than the fleet has threads to keep them all busy to its end.
+MIN_MESSAGES = 256
+
+
+def chunk_size(jobs: int, most: int) -> int:
+    """Jobs per message when `jobs` jobs go to one queue at once, at most `most`: 1 (a
+    message each) below 2 x MIN_MESSAGES, rising to `most` for large publishes."""
+    return max(1, min(most, jobs // MIN_MESSAGES))
+
+
+def chunks(pairs: Sequence[tuple[str, int]], most: int) -> list[Sequence[tuple[str, int]]]:
+    """`pairs` (one queue's jobs) split into the messages `chunk_size` calls for."""
+    size = chunk_size(len(pairs), most)
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
 def _json_str(value: str) -> str:
@@ -60,7 +78,7 @@ class RedisBulkPublisher:
     read-only after construction."""
 
     def __init__(self, app: Celery, client: Any | None = None,
-                 task_name: str = TASK_NAME) -> None:
+                 task_name: str = TASK_NAME, chunk_task_name: str = CHUNK_TASK) -> None:
         import redis
 
         url = str(app.conf.broker_url)
@@ -71,6 +89,7 @@ class RedisBulkPublisher:
         self.client = client if client is not None else redis.Redis.from_url(
             url, socket_connect_timeout=10, socket_timeout=60)
         self._parts = self._template(app, task_name)
+        self._chunk_parts = self._template(app, chunk_task_name)
 
     @staticmethod
     def _template(app: Celery, task_name: str) -> list[str]:
@@ -109,27 +128,43 @@ class RedisBulkPublisher:
             pos = at + len(marker)
 
     def message(self, job_id: str, attempt_no: int, queue: str) -> bytes:
-        """One message, as the bytes kombu would LPUSH."""
-        args = [job_id, int(attempt_no)]
-        body = _BODY_FORMAT % (json.dumps(job_id), int(attempt_no))
+        """One job's message (`process_job(job_id, attempt_no)`), as the bytes kombu would
+        LPUSH."""
+        return self._fill(self._parts, [job_id, int(attempt_no)], queue)
+
+    def chunk_message(self, pairs: Sequence[tuple[str, int]], queue: str) -> bytes:
+        """One message for several jobs (`process_jobs([[job_id, attempt_no], ...])`)."""
+        return self._fill(self._chunk_parts, [[[i, int(n)] for i, n in pairs]], queue)
+
+    @staticmethod
+    def _fill(parts: list[str], args: list[Any], queue: str) -> bytes:
+        body = _BODY_FORMAT % json.dumps(args)
         # The task id doubles as the delivery tag: both only need to be unique.
         tid = str(uuid.uuid4())
         values = {_TID: tid, _TAG: tid, _ARGSREPR: _json_str(repr(args)),
                   _BODY: base64.b64encode(body.encode()).decode("ascii"),
                   _QUEUE: _json_str(queue)}
-        return "".join([values.get(p, p) for p in self._parts]).encode()
+        return "".join([values.get(p, p) for p in parts]).encode()
 
-    def publish(self, items: Sequence[tuple[str, int, str]]) -> int:
+    def publish(self, items: Sequence[tuple[str, int, str]], max_chunk: int = 1) -> int:
         """Push every (job id, attempt number, queue) in one pipeline; returns the count.
+
+        With `max_chunk` > 1, consecutive jobs of a queue may share a `process_jobs`
+        message (see `chunk_size`); a job alone still gets a `process_job` one.
 
         Raises kombu's OperationalError if the broker cannot be reached (nothing, or a prefix of
         the queues' messages, was pushed; the store still says queued, so `resume` and the
         sweeper publish the rest)."""
         if not items:
             return 0
-        by_queue: dict[str, list[bytes]] = {}
+        jobs_of: dict[str, list[tuple[str, int]]] = {}
         for job_id, attempt_no, queue in items:
-            by_queue.setdefault(queue, []).append(self.message(job_id, attempt_no, queue))
+            jobs_of.setdefault(queue, []).append((job_id, attempt_no))
+        by_queue: dict[str, list[bytes]] = {}
+        for queue, pairs in jobs_of.items():
+            by_queue[queue] = [self.message(*group[0], queue) if len(group) == 1
+                               else self.chunk_message(group, queue)
+                               for group in chunks(pairs, max_chunk)]
         import redis
         from kombu.exceptions import OperationalError
 

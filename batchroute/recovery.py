@@ -134,8 +134,9 @@ class RedisBrokerView:
 
 
 def _add_pair(pairs: set[tuple[str, int]], raw: bytes | str, unacked: bool) -> None:
-    """Add (job id, attempt_no) of one kombu message, ignoring anything not ours.
-    Unacked entries are stored as [message, exchange, routing_key]."""
+    """Add the (job id, attempt_no) pairs of one kombu message, ignoring anything not ours:
+    `process_job`'s args are one pair, `process_jobs`' a list of them. Unacked entries are
+    stored as [message, exchange, routing_key]."""
     try:
         msg = json.loads(raw)
         if unacked:
@@ -144,11 +145,15 @@ def _add_pair(pairs: set[tuple[str, int]], raw: bytes | str, unacked: bool) -> N
         if msg.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        if isinstance(args, list) and len(args) == 2 and isinstance(args[0], str) \
-                and isinstance(args[1], int):
-            pairs.add((args[0], args[1]))
     except (ValueError, TypeError, KeyError, IndexError):
         return
+    if not isinstance(args, list):
+        return
+    chunk = args[0] if len(args) == 1 and isinstance(args[0], list) else None
+    for pair in chunk if chunk is not None else [args]:
+        if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) \
+                and isinstance(pair[1], int):
+            pairs.add((pair[0], pair[1]))
 
 
 def broker_view(url: str) -> BrokerView | None:

@@ -4,9 +4,11 @@ All real processes: the simulator as its own server (`batchroute sim`), one
 `celery -A workers worker --pool threads` process, Redis as broker, PostgreSQL as store.
 
 * **overhead** (`--latency-ms 0`): jobs/s of one batchroute worker (claim, call the
-  zero-latency simulator over HTTP, record the attempt, validate, finish: 4 SQL round trips
-  and one HTTP call per job) against one bare Celery worker running a no-op task with the
-  same settings (`benchmarks/noop_worker.py`), on the same broker, in the same run;
+  zero-latency simulator over HTTP, validate, record the attempt and finish) against one
+  bare Celery worker running a no-op task with the same settings
+  (`benchmarks/noop_worker.py`), one message per task, on the same broker, in the same
+  run. The batch is published as `batchroute submit` does: several jobs per message for a
+  publish this large (`batchroute.publish.chunk_size`; `--chunk-size 1` for one each);
 * **latency hiding** (`--latency-ms 2000 --concurrency 64`): jobs/s against the ideal
   concurrency / latency (32 jobs/s), end to end and in the steady state (between the
   10th and the 90th percentile of finish times).
@@ -18,7 +20,7 @@ no-op: the queue and the unacked set are empty). Every answer passes its checks
 
     python benchmarks/worker_bench.py overhead            # --jobs 3000 --concurrency 32
     python benchmarks/worker_bench.py latency             # --jobs 768 --concurrency 64
-    options: --jobs N --concurrency N --json
+    options: --jobs N --concurrency N --chunk-size N --json
 
 Needs Redis on 127.0.0.1:6379 (uses db 11 and flushes it) and PostgreSQL on
 127.0.0.1:5432 as user postgres (a fresh database is created and dropped).
@@ -202,8 +204,12 @@ def main() -> None:
     ap.add_argument("--sleepy-noop-ms", type=float, default=0.0,
                     help="overhead: also run a no-op that sleeps this long (a task as slow "
                          "as a job, with none of its work)")
+    ap.add_argument("--chunk-size", type=int,
+                    help="most jobs per message (BATCHROUTE_CHUNK_SIZE; 1: one job each)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.chunk_size is not None:
+        os.environ["BATCHROUTE_CHUNK_SIZE"] = str(a.chunk_size)
     overhead = a.mode == "overhead"
     jobs = a.jobs or (3000 if overhead else 768)
     concurrency = a.concurrency or (32 if overhead else 64)
@@ -218,9 +224,13 @@ def main() -> None:
     os.environ["BATCHROUTE_BROKER_URL"] = REDIS_URL
     db = f"batchroute_bench_worker_{os.getpid()}"
     url = fresh_database(db)
+    from batchroute.dispatch import max_chunk
+    from batchroute.publish import chunk_size
+
     out: dict[str, Any] = {"mode": a.mode, "machine": f"{os.cpu_count()} CPUs, Python "
                            f"{platform.python_version()}", "concurrency": concurrency,
-                           "latency_ms": latency_ms}
+                           "latency_ms": latency_ms,
+                           "jobs_per_message": chunk_size(jobs, max_chunk())}
     sim: Proc | None = None
     try:
         with tempfile.TemporaryDirectory() as t:
@@ -274,7 +284,8 @@ def main() -> None:
         return
     b = out["batchroute"]
     print(f"machine: {out['machine']}; one worker, threads pool, -c {concurrency}; simulator "
-          f"latency {latency_ms:g} ms; PostgreSQL store")
+          f"latency {latency_ms:g} ms; PostgreSQL store; {out['jobs_per_message']} jobs per "
+          "message")
     print(f"batchroute: {b['jobs']} jobs ({b['attempts']} attempts) in {b['seconds']} s = "
           f"{b['jobs_per_s']} jobs/s (steady state {b['steady_jobs_per_s']} jobs/s)")
     if overhead:

@@ -105,13 +105,18 @@ def test_bulk_publish_keeps_order_and_chunks_lpush(redis_url: str) -> None:
     CeleryDispatcher().enqueue_many(items)
     client = redis.Redis.from_url(redis_url)
     got: dict[str, list[tuple[str, int]]] = {}
+    sizes: dict[str, set[int]] = {}
     for queue in ("batchroute.sim", "batchroute.other"):
         while raw := client.rpop(queue):  # what the worker's BRPOP takes first
             msg = json.loads(raw)  # type: ignore[arg-type]
             args = json.loads(base64.b64decode(msg["body"]))[0]
-            got.setdefault(queue, []).append((args[0], args[1]))
+            pairs = args[0] if msg["headers"]["task"] == "batchroute.process_jobs" else [args]
+            sizes.setdefault(queue, set()).add(len(pairs))
+            got.setdefault(queue, []).extend((j, n) for j, n in pairs)
     for queue in ("batchroute.sim", "batchroute.other"):
         assert got[queue] == [(j, n) for j, n, q in items if q == queue]  # FIFO per queue
+    # 1,666 and 834 jobs: 6 and 3 jobs a message (the last one the rest), not one each.
+    assert sizes == {"batchroute.sim": {6, 1666 % 6}, "batchroute.other": {3}}
 
 
 def test_broker_down_is_reported_as_a_broker_error(tmp_path: Path) -> None:
@@ -141,6 +146,32 @@ def test_a_worker_runs_bulk_published_jobs(start_worker: Any, tmp_path: Path) ->
     counts = store.state_counts(batch_id)
     assert counts.get("succeeded", 0) + counts.get("failed", 0) == 120
     assert counts.get("succeeded", 0) > 100
+
+
+@pytest.mark.integration
+def test_a_worker_runs_a_chunked_batch_to_the_end(start_worker: Any, tmp_path: Path,
+                                                  redis_url: str) -> None:
+    """600 jobs go out as 300 two-job messages; a real worker runs each job exactly once,
+    escalations (single-job messages) included, attempts numbered 1..n."""
+    import redis
+
+    src = classify_batch(tmp_path / "b.jsonl", 600)
+    res = CliRunner().invoke(main, ["submit", str(src), "--json"])
+    assert res.exit_code == 0, res.output
+    batch_id = json.loads(res.stdout)["batch_id"]
+    assert redis.Redis.from_url(redis_url).llen("batchroute.sim") == 300
+    worker = start_worker(concurrency=16)
+    store = Store()
+    wait_for(lambda: _done(store, batch_id, 600), 180,
+             f"the worker to run the batch; log:\n{worker.log()[-3000:]}")
+    jobs = list(store.iter_jobs(batch_id))
+    assert len(jobs) == 600 and all(j.state in FINISHED for j in jobs)
+    by_job: dict[str, list[int]] = {}
+    for a in store.attempts(batch_id):
+        by_job.setdefault(a.job_id, []).append(a.attempt_no)
+    for j in jobs:
+        assert sorted(by_job[j.id]) == list(range(1, j.attempt_no + 1)), j.id
+    assert any(j.attempt_no > 1 for j in jobs)  # some escalated: singles after chunks
 
 
 # ---- bulk ingestion --------------------------------------------------------------------------

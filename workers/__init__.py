@@ -18,6 +18,7 @@ from kombu import Queue
 
 from batchroute.breaker import RedisBreakers
 from batchroute.broker import (
+    CHUNK_TASK,
     SWEEP_QUEUE,
     SWEEP_TASK,
     TASK_NAME,
@@ -65,6 +66,14 @@ def process_job(job_id: str, attempt_no: int) -> str:
     from batchroute.pipeline import process_job as run
 
     return run(runtime(), job_id, attempt_no)
+
+
+@app.task(name=CHUNK_TASK, acks_late=True, ignore_result=True)
+def process_jobs(pairs: list[list[Any]]) -> dict[str, int]:
+    """Several jobs in one message: [[job_id, attempt_no], ...], ids only as above."""
+    from batchroute.pipeline import process_chunk
+
+    return process_chunk(runtime(), [(str(i), int(n)) for i, n in pairs])
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)

@@ -1,0 +1,225 @@
+"""Several jobs per Celery message (issue #9): a large publish puts up to 16 jobs in one
+`process_jobs` message; the worker claims them in one statement, runs them one after the
+other and writes their finishes together. What must hold:
+
+* the sizing rule spreads a batch over many messages before it packs them;
+* a chunk message is the message Celery itself writes for that task, ids only;
+* a chunk claims only what is still queued at that attempt, and writes every finish,
+  guarded and with its attempt row, exactly as the one-job path does;
+* one job crashing does not sink the rest; a chunk running past half its lease gives
+  the jobs it has not started back; the sweeper's view of the broker reads chunks;
+* a real worker runs a chunked batch to the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchroute import pipeline
+from batchroute.dispatch import CeleryDispatcher, max_chunk
+from batchroute.publish import MIN_MESSAGES, RedisBulkPublisher, chunk_size, chunks
+from batchroute.recovery import RedisBrokerView
+from batchroute.runtime import Runtime
+from batchroute.store import FAILED, LOST, QUEUED, RUNNING, SUCCEEDED, Move, Store, get_engine
+
+from .test_recovery import CONFIG, Recorder, batch_of, real_attempt
+
+
+@pytest.fixture
+def store(db_url: str) -> Store:
+    return Store(get_engine(db_url), lease_s=600)
+
+
+def runtime(store: Store) -> tuple[Runtime, Recorder]:
+    recorder = Recorder()
+    return Runtime(CONFIG, store, recorder), recorder  # type: ignore[arg-type]
+
+
+# ---- sizing and the message ----------------------------------------------------------------
+def test_small_publishes_stay_one_job_per_message() -> None:
+    assert chunk_size(1, 16) == 1
+    assert chunk_size(2 * MIN_MESSAGES - 1, 16) == 1  # 511 jobs: 511 messages
+    assert chunk_size(768, 16) == 3  # the latency benchmark: 256 messages for 64 threads
+    assert chunk_size(3000, 16) == 11
+    assert chunk_size(100_000, 16) == 16  # capped
+    assert chunk_size(100_000, 1) == 1  # BATCHROUTE_CHUNK_SIZE=1: chunking off
+    pairs = [(f"j{i}", 1) for i in range(1000)]
+    groups = chunks(pairs, 16)
+    assert [p for g in groups for p in g] == pairs and {len(g) for g in groups} == {3, 1}
+
+
+def test_chunk_size_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHROUTE_CHUNK_SIZE", "4")
+    assert max_chunk() == 4
+    monkeypatch.setenv("BATCHROUTE_CHUNK_SIZE", "lots")
+    with pytest.raises(ValueError, match="BATCHROUTE_CHUNK_SIZE='lots'.*1 turns chunking off"):
+        max_chunk()
+
+
+def test_chunk_message_is_the_message_send_task_writes(redis_url: str) -> None:
+    import redis
+
+    from batchroute.broker import CHUNK_TASK
+
+    dispatcher = CeleryDispatcher()
+    client = redis.Redis.from_url(redis_url)
+    pairs = [["ja", 1], ["jb", 3]]
+    dispatcher.app.send_task(CHUNK_TASK, args=[pairs], queue="batchroute.cmp")
+    theirs = json.loads(client.rpop("batchroute.cmp"))  # type: ignore[arg-type]
+    ours = json.loads(RedisBulkPublisher(dispatcher.app).chunk_message(
+        [("ja", 1), ("jb", 3)], "batchroute.cmp"))
+    assert base64.b64decode(ours["body"]) == base64.b64decode(theirs["body"])
+    varying = {"id", "root_id", "ignore_result"}
+    assert {k: v for k, v in ours["headers"].items() if k not in varying} == \
+        {k: v for k, v in theirs["headers"].items() if k not in varying}
+    assert ours["headers"]["task"] == CHUNK_TASK
+    assert ours["headers"]["argsrepr"] == "[[['ja', 1], ['jb', 3]]]"  # Flower: ids only
+
+
+def test_the_broker_view_reads_the_jobs_inside_chunks(redis_url: str) -> None:
+    items = [(f"j{i:04d}", 1, "batchroute.sim") for i in range(600)] + [("lone", 2, "x.q")]
+    CeleryDispatcher(max_chunk_size=16).enqueue_many(items)
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("batchroute.sim") == 300 and client.llen("x.q") == 1  # 2 jobs each
+    held = RedisBrokerView(redis_url).held(["batchroute.sim", "x.q"], None)
+    assert held == {(j, n) for j, n, _ in items}
+
+
+# ---- the store's side ------------------------------------------------------------------------
+@pytest.mark.integration
+def test_claim_many_takes_only_what_is_queued_at_that_attempt(store: Store) -> None:
+    ids = batch_of(store, 6)
+    assert store.claim(ids[1], 1) is not None  # another message took it
+    got = store.claim_many([(ids[4], 1), (ids[0], 1), (ids[1], 1), (ids[2], 2), (ids[3], 1),
+                            (ids[3], 1)])
+    assert [j.id for j in got] == [ids[4], ids[0], ids[3]]  # message order, each once
+    assert all(j.state == RUNNING and j.lease_until is not None for j in got)
+    assert got[0].body["messages"][0]["role"] == "user"
+    assert store.get_job(ids[2]).state == QUEUED  # type: ignore[union-attr]
+    assert store.claim_many([]) == []
+
+
+@pytest.mark.integration
+def test_transition_many_writes_each_move_guarded_with_its_attempt(store: Store) -> None:
+    from batchroute.recovery import sweep
+
+    ids = batch_of(store, 4)
+    store.claim_many([(i, 1) for i in ids])
+    # The runs were given up for dead meanwhile: the sweeper moved every job to attempt 2,
+    sweep(store, CONFIG, Recorder(), batch_id="b-test",  # type: ignore[arg-type]
+          reclaim_running=True)
+    for i in ids[:3]:  # and new runs claimed three of them
+        assert store.claim(i, 2) is not None
+    store.transition_many([
+        Move(ids[0], 2, real_attempt(ids[0], 2, cost=0.5), {"state": SUCCEEDED,
+                                                             "result": {"ok": 1}}),
+        Move(ids[1], 2, real_attempt(ids[1], 2), {"state": FAILED,
+                                                  "error": {"code": "x", "message": "y"}}),
+        Move(ids[2], 2, None, {"state": FAILED, "error": {"code": "budget", "message": "z"}}),
+        Move(ids[3], 1, real_attempt(ids[3], 1, cost=0.7), {"state": SUCCEEDED}),  # stale
+    ])
+    jobs = {i: store.get_job(i) for i in ids}
+    assert jobs[ids[0]].state == SUCCEEDED and jobs[ids[0]].result == {"ok": 1}  # type: ignore[union-attr]
+    assert jobs[ids[0]].finished_at is not None  # type: ignore[union-attr]
+    assert jobs[ids[1]].state == FAILED and jobs[ids[2]].state == FAILED  # type: ignore[union-attr]
+    assert jobs[ids[3]].state == QUEUED and jobs[ids[3]].attempt_no == 2  # type: ignore[union-attr]
+    rows = {(a.job_id, a.attempt_no): a for i in ids for a in store.job_attempts(i)}
+    assert rows[(ids[0], 2)].cost_usd == 0.5 and (ids[2], 2) not in rows
+    # The late run's bill replaced the sweeper's placeholder; the job did not move.
+    assert rows[(ids[3], 1)].outcome == "ok" and rows[(ids[3], 1)].cost_usd == 0.7
+    assert all(a.outcome != LOST for a in rows.values() if a.job_id == ids[3])
+
+
+# ---- the worker's side -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_chunk_runs_its_jobs_and_writes_them_all(store: Store) -> None:
+    ids = batch_of(store, 8)
+    rt, recorder = runtime(store)
+    try:
+        assert store.claim(ids[5], 1) is not None  # a duplicate delivery took this one
+        out = pipeline.process_chunk(rt, [(i, 1) for i in ids])
+    finally:
+        rt.close()
+    assert out.pop("skipped") == 1 and sum(out.values()) == 7
+    finished = [store.get_job(i) for i in ids if i != ids[5]]
+    assert all(j is not None and j.state in (SUCCEEDED, QUEUED) for j in finished)
+    for job_id in ids:
+        if job_id != ids[5]:
+            assert [a.attempt_no for a in store.job_attempts(job_id)] == [1]
+    # An escalation is written at once and its next message published after it.
+    escalated = {j for j, n, _ in recorder.sent}
+    assert escalated == {j.id for j in finished if j is not None and j.state == QUEUED}
+    assert all(n == 2 for _, n, _ in recorder.sent)
+
+
+@pytest.mark.integration
+def test_one_job_crashing_does_not_sink_the_chunk(store: Store,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = batch_of(store, 5)
+    real_call = pipeline.call
+
+    def call(client: Any, provider: Any, base_url: str, model: str, body: Any) -> Any:
+        if "Is 3 even" in json.dumps(body):
+            raise RuntimeError("a bug in an adapter")
+        return real_call(client, provider, base_url, model, body)
+
+    monkeypatch.setattr(pipeline, "call", call)
+    rt, _ = runtime(store)
+    try:
+        out = pipeline.process_chunk(rt, [(i, 1) for i in ids])
+    finally:
+        rt.close()
+    assert out["crashed"] == 1 and sum(out.values()) == 5
+    states = sorted(store.get_job(i).state for i in ids)  # type: ignore[union-attr]
+    assert states.count(RUNNING) == 1  # the sweeper takes it once its lease lapses
+    assert sum(len(store.job_attempts(i)) for i in ids) == 4
+
+
+@pytest.mark.integration
+def test_a_slow_chunk_gives_back_the_jobs_it_has_not_started(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(get_engine(db_url), lease_s=0.2)
+    ids = batch_of(store, 6)
+    rt, recorder = runtime(store)
+    real = pipeline.run_claimed
+
+    def slow(rt_: Runtime, job: Any, writes: Any) -> str:
+        time.sleep(0.15)  # a slow provider
+        return real(rt_, job, writes)
+
+    monkeypatch.setattr(pipeline, "run_claimed", slow)
+    try:
+        out = pipeline.process_chunk(rt, [(i, 1) for i in ids])
+    finally:
+        rt.close()
+    given = out.pop("given_back")
+    assert given == 6 - sum(out.values()) and 1 <= given <= 5
+    back = [(j, n) for j, n, _ in recorder.sent if n == 1]
+    assert len(back) == given
+    assert all(store.get_job(j).state == QUEUED for j, _ in back)  # type: ignore[union-attr]
+    assert all(store.job_attempts(j) == [] for j, _ in back)  # nothing spent on them
+
+
+def test_each_thread_gets_its_own_http_client(tmp_path: Path) -> None:
+    store = Store(get_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    rt, _ = runtime(store)
+    seen: list[int] = []
+    threads = [threading.Thread(target=lambda: seen.extend([id(rt.client), id(rt.client)]))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 3 and seen[0] == seen[1]  # one per thread, kept
+    clients = list(rt._clients)
+    rt.close()
+    assert all(c.is_closed for c in clients)
