@@ -7,6 +7,7 @@ any parts they like.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import Any
 
@@ -42,6 +43,7 @@ class Runtime:
         self._shared_client = client
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
+        self._ssl: ssl.SSLContext | None = None
         self._sim: Any = None
         self._lock = threading.Lock()
 
@@ -57,11 +59,13 @@ class Runtime:
             return self._shared_client
         client: httpx.Client | None = getattr(self._local, "client", None)
         if client is None:
-            client = httpx.Client(limits=httpx.Limits(max_connections=64,
-                                                      max_keepalive_connections=8))
-            self._local.client = client
             with self._lock:
+                if self._ssl is None:  # loading the CA bundle costs ~30 ms: once, shared
+                    self._ssl = httpx.create_ssl_context()
+                client = httpx.Client(verify=self._ssl, limits=httpx.Limits(
+                    max_connections=64, max_keepalive_connections=8))
                 self._clients.append(client)
+            self._local.client = client
         return client
 
     @classmethod

@@ -176,7 +176,11 @@ def main() -> None:
             out["file_mb"] = round(path.stat().st_size / 2**20, 1)
             out["generate_s"] = round(time.perf_counter() - t, 1)
             ours = run_ours(path, url, a.workers)
-            queued = int(broker.llen("batchroute.sim"))
+            messages = int(broker.llen("batchroute.sim"))
+            from batchroute.recovery import RedisBrokerView
+
+            held = RedisBrokerView(REDIS_URL).held(["batchroute.sim"], None) or set()
+            queued = len(held)  # distinct (job, attempt) pairs over all (chunk) messages
             from batchroute.store import Store, get_engine
 
             store = Store(get_engine(url))
@@ -198,14 +202,16 @@ def main() -> None:
             for engine in list(store_module._engines.values()):
                 engine.dispose()
             pg_admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    out |= {"ours": ours, "ours_stored": stored, "ours_queued": queued, "naive": naive,
+    out |= {"ours": ours, "ours_stored": stored, "ours_queued": queued,
+            "ours_messages": messages, "naive": naive,
             "speedup": round(ours["jobs_per_s"] / naive["jobs_per_s"], 1)}
     if a.json:
         print(json.dumps(out, indent=2))
         return
     print(f"machine: {out['machine']}; file {out['file_mb']} MB, {a.lines:,} lines")
     print(f"ours : {ours['jobs']:,} jobs in {ours['seconds']} s = {ours['jobs_per_s']:,} jobs/s "
-          f"(stored {stored:,}, on the queue {queued:,}); CPU main {ours['cpu_s_main']} s, "
+          f"(stored {stored:,}, on the queue {queued:,} in {messages:,} messages); "
+          f"CPU main {ours['cpu_s_main']} s, "
           f"parsers {ours['cpu_s_parsers']} s; peak RSS main {ours['peak_rss_mb_main']} MB, "
           f"parser {ours['peak_rss_mb_parser']} MB")
     print(f"naive: {naive['jobs']:,} jobs in {naive['seconds']} s = {naive['jobs_per_s']:,} "

@@ -7,7 +7,8 @@ All real processes: the simulator as its own server (`batchroute sim`), one
   zero-latency simulator over HTTP, validate, record the attempt and finish) against one
   bare Celery worker running a no-op task with the same settings
   (`benchmarks/noop_worker.py`), one message per task, on the same broker, in the same
-  run. The batch is published as `batchroute submit` does: several jobs per message for a
+  run (before and after it, averaged: this VM's speed drifts by ±20%). The batch is
+  published as `batchroute submit` does: several jobs per message for a
   publish this large (`batchroute.publish.chunk_size`; `--chunk-size 1` for one each);
 * **latency hiding** (`--latency-ms 2000 --concurrency 64`): jobs/s against the ideal
   concurrency / latency (32 jobs/s), end to end and in the steady state (between the
@@ -253,9 +254,17 @@ def main() -> None:
                     return False
 
             wait(sim_up, 60, "the simulator", 0.2)
+            if overhead:  # the baseline before and after: this VM's speed drifts
+                before = run_noop(env, tmp, jobs, concurrency)
             out["batchroute"] = run_batchroute(env, config, tmp, jobs, concurrency)
             if overhead:
-                out["noop"] = run_noop(env, tmp, jobs, concurrency)
+                after = run_noop(env, tmp, jobs, concurrency)
+                out["noop_runs"] = [before, after]
+                out["noop"] = {"jobs": jobs, "seconds": round(
+                    (before["seconds"] + after["seconds"]) / 2, 2)}
+                out["noop"]["jobs_per_s"] = round(jobs / out["noop"]["seconds"], 1)
+                out["noop"]["worker_cpu_ms_per_job"] = round(
+                    (before["worker_cpu_ms_per_job"] + after["worker_cpu_ms_per_job"]) / 2, 3)
                 if a.sleepy_noop_ms:
                     out["sleepy_noop"] = run_noop(env, tmp, jobs, concurrency,
                                                   a.sleepy_noop_ms)
@@ -290,8 +299,9 @@ def main() -> None:
           f"{b['jobs_per_s']} jobs/s (steady state {b['steady_jobs_per_s']} jobs/s)")
     if overhead:
         n = out["noop"]
+        runs = " and ".join(f"{r['jobs_per_s']}" for r in out["noop_runs"])
         print(f"bare Celery no-op: {n['jobs']} tasks in {n['seconds']} s = {n['jobs_per_s']} "
-              f"tasks/s")
+              f"tasks/s (mean time of a run before and one after: {runs} tasks/s)")
         print(f"batchroute / no-op: {out['ratio']:.1%}")
         print(f"worker CPU per job: batchroute {b['worker_cpu_ms_per_job']} ms, no-op "
               f"{n['worker_cpu_ms_per_job']} ms (ratio {out['cpu_ratio']:.1%})")
