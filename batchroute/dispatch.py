@@ -17,7 +17,7 @@ from typing import Protocol
 import structlog
 
 from batchroute.broker import CHUNK_TASK, TASK_NAME, make_celery
-from batchroute.publish import REDIS_SCHEMES, RedisBulkPublisher, chunks
+from batchroute.publish import REDIS_SCHEMES, RedisBulkPublisher, by_queue, chunks
 
 log = structlog.get_logger("batchroute.dispatch")
 
@@ -68,12 +68,9 @@ class CeleryDispatcher:
         if self._bulk is not None:
             self._bulk.publish(items, self.max_chunk)
             return
-        jobs_of: dict[str, list[tuple[str, int]]] = {}
-        for job_id, attempt_no, queue in items:
-            jobs_of.setdefault(queue, []).append((job_id, attempt_no))
         # One connection for the whole chunk instead of one per message.
         with self.app.producer_or_acquire() as producer:
-            for queue, pairs in jobs_of.items():
+            for queue, pairs in by_queue(items).items():
                 for group in chunks(pairs, self.max_chunk):
                     if len(group) == 1:
                         self.app.send_task(TASK_NAME, args=list(group[0]), queue=queue,

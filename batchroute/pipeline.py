@@ -1,6 +1,7 @@
 """One attempt of one job, top to bottom: claim, call, record, validate, decide, move on.
 
-This is the task body both the Celery worker and the embedded runner execute.
+This is the task body both the Celery worker and the embedded runner execute; a chunk
+message (`process_chunk`) runs it for each of its jobs in turn.
 The order matters for the guarantees: the Attempt is recorded (once, keyed by
 attempt number) before the job moves on, and the job moves on with a guarded
 UPDATE before the next message is published, so a crash anywhere leaves the
@@ -55,7 +56,7 @@ def process_chunk(rt: Runtime, pairs: list[tuple[str, int]]) -> dict[str, int]:
     attempt (receive, bookkeeping, events, ack), and so do the claim's and the finish's
     round trips. Here a chunk's jobs are claimed in one statement and their finishes
     written together (see `Writes`), so those costs are paid once per chunk.
-    `dispatch.chunk_size` keeps chunks small enough to spread a batch over every thread.
+    `publish.chunk_size` keeps chunks small enough to spread a batch over every thread.
     """
     claimed = rt.store.claim_many(pairs)
     outcomes: dict[str, int] = {}
@@ -317,8 +318,7 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
 
 
 def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: Attempt,
-           decision: Decision,
-           completion: Completion | None, verdicts: list[Any]) -> str:
+           decision: Decision, completion: Completion | None, verdicts: list[Any]) -> str:
     """Carry out the policy's decision: exactly one guarded transition, which also records
     the attempt, then (for a retry, failover or escalation) the next message."""
     verdict_rows = [{"validator": v.validator, "ok": v.ok, "reason": v.reason, "score": v.score}

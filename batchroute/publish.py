@@ -67,6 +67,14 @@ def chunks(pairs: Sequence[tuple[str, int]], most: int) -> list[Sequence[tuple[s
     return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
+def by_queue(items: Sequence[tuple[str, int, str]]) -> dict[str, list[tuple[str, int]]]:
+    """(job id, attempt number, queue) triples as each queue's pairs, in order."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for job_id, attempt_no, queue in items:
+        out.setdefault(queue, []).append((job_id, attempt_no))
+    return out
+
+
 def _json_str(value: str) -> str:
     """`value` as the inside of a JSON string literal."""
     return json.dumps(value)[1:-1]
@@ -157,20 +165,16 @@ class RedisBulkPublisher:
         sweeper publish the rest)."""
         if not items:
             return 0
-        jobs_of: dict[str, list[tuple[str, int]]] = {}
-        for job_id, attempt_no, queue in items:
-            jobs_of.setdefault(queue, []).append((job_id, attempt_no))
-        by_queue: dict[str, list[bytes]] = {}
-        for queue, pairs in jobs_of.items():
-            by_queue[queue] = [self.message(*group[0], queue) if len(group) == 1
+        messages_of = {queue: [self.message(*group[0], queue) if len(group) == 1
                                else self.chunk_message(group, queue)
                                for group in chunks(pairs, max_chunk)]
+                       for queue, pairs in by_queue(items).items()}
         import redis
         from kombu.exceptions import OperationalError
 
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for queue, messages in by_queue.items():
+                for queue, messages in messages_of.items():
                     for i in range(0, len(messages), _LPUSH_MAX):
                         pipe.lpush(self.prefix + queue, *messages[i:i + _LPUSH_MAX])
                 pipe.execute()

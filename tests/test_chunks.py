@@ -223,3 +223,62 @@ def test_each_thread_gets_its_own_http_client(tmp_path: Path) -> None:
     clients = list(rt._clients)
     rt.close()
     assert all(c.is_closed for c in clients)
+
+
+def test_other_brokers_get_the_same_chunks_through_send_task() -> None:
+    """Not Redis (here kombu's in-memory transport, as for RabbitMQ): the same messages,
+    built by Celery's send_task."""
+    from batchroute.broker import CHUNK_TASK, TASK_NAME, make_celery
+
+    app = make_celery("t")
+    app.conf.broker_url = "memory://"
+    items = [(f"j{i:03d}", 1, "q.a") for i in range(515)] + [("k", 4, "q.b")]
+    CeleryDispatcher(app, max_chunk_size=16).enqueue_many(items)
+    got: list[tuple[str, Any]] = []
+    with app.connection_for_write() as conn:
+        for queue in ("q.a", "q.b"):
+            simple = conn.SimpleQueue(queue)
+            while simple.qsize():
+                msg = simple.get(timeout=1)
+                got.append((msg.headers["task"], msg.payload[0]))
+                msg.ack()
+            simple.close()
+    assert [t for t, _ in got].count(CHUNK_TASK) == 257 and got[-1] == (TASK_NAME, ["k", 4])
+    flat = [tuple(p) for t, args in got[:-1] for p in (args[0] if t == CHUNK_TASK else [args])]
+    assert flat == [(j, n) for j, n, q in items if q == "q.a"]
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.batches: list[list[Move]] = []
+        self.single: list[str] = []
+
+    def transition_many(self, moves: list[Move]) -> None:
+        self.batches.append(list(moves))
+
+    def transition(self, job_id: str, *_: Any, **__: Any) -> bool:
+        self.single.append(job_id)
+        return True
+
+
+def test_held_finishes_are_written_together_and_never_left_behind() -> None:
+    from batchroute.store import Job
+
+    ledger = _Ledger()
+    rt: Any = type("Rt", (), {"store": ledger})()
+    jobs = [Job.model_construct(id=f"j{i}", attempt_no=1) for i in range(3)]
+    writes = pipeline.Writes(rt, defer=True)
+    writes.finish(jobs[0], None, state=SUCCEEDED)
+    assert not writes.due(0.001) and ledger.batches == []  # a fast call: keep holding
+    writes.finish(jobs[1], None, state=SUCCEEDED)
+    assert writes.due(0.3)  # a slow call: the chunk is latency-bound, write now
+    writes.flush()
+    assert [[m.job_id for m in b] for b in ledger.batches] == [["j0", "j1"]]
+    writes.finish(jobs[2], None, state=FAILED)
+    writes._since -= 1.0  # held for a second by fast calls
+    assert writes.due(0.001)
+    writes.flush()
+    writes.flush()  # nothing held: no empty write
+    assert len(ledger.batches) == 2 and ledger.single == []
+    pipeline.Writes(rt, defer=False).finish(jobs[0], None, state=SUCCEEDED)
+    assert ledger.single == ["j0"] and len(ledger.batches) == 2  # one job: written at once
