@@ -7,6 +7,9 @@ fresh on every scrape (no background polling, nothing cached between scrapes):
 
 * ``batchroute_queue_messages{queue}``: messages waiting in each queue (LLEN of the Redis
   list, plus kombu's priority lists), for every provider pool and the sweeper's queue;
+* ``batchroute_queue_jobs{queue}``: jobs waiting for each queue, as the store counts them
+  (a message may carry up to 16 jobs, so this, not the message count, is the work
+  waiting; it includes jobs waiting out a retry delay);
 * ``batchroute_queue_unacked_messages``: messages delivered to workers and not yet acked
   (running, or reserved by a worker's prefetch);
 * ``batchroute_jobs{state}`` over the whole store, and ``batchroute_batch_jobs{batch_id,
@@ -112,7 +115,9 @@ class BatchrouteCollector(Collector):
 
     def _jobs(self, up: GaugeMetricFamily) -> Iterator[Metric]:
         try:
-            totals, per_batch = self.store().job_counts()
+            store = self.store()
+            totals, per_batch = store.job_counts()
+            waiting = store.queued_by_provider()
         except Exception as e:  # the database is down or unreachable
             log.warning("metrics_store_unreadable", error=str(e))
             up.add_metric(["store"], 0)
@@ -122,6 +127,16 @@ class BatchrouteCollector(Collector):
         for state, n in sorted(totals.items()):
             g.add_metric([state], n)
         yield g
+        per_queue = dict.fromkeys(queues(self.config), 0)
+        for provider, n in waiting.items():
+            if provider in self.config.providers:  # a provider since removed has no queue
+                per_queue[self.config.providers[provider].queue] += n
+        q = GaugeMetricFamily("batchroute_queue_jobs",
+                              "Jobs waiting for each queue, as the store counts them (a "
+                              "message may carry several)", labels=["queue"])
+        for queue, n in sorted(per_queue.items()):
+            q.add_metric([queue], n)
+        yield q
         b = GaugeMetricFamily("batchroute_batch_jobs",
                               "Jobs by state of each batch that still has queued or running jobs",
                               labels=["batch_id", "state"])

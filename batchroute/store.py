@@ -583,6 +583,14 @@ class Store:
             return ({state: int(n) for state, n in totals},
                     [(b, state, int(n)) for b, state, n in rows])
 
+    def queued_by_provider(self) -> dict[str, int]:
+        """Queued jobs per provider (for metrics: a message may carry several jobs, so the
+        queues' lengths alone undercount the work waiting)."""
+        with self.session() as s:
+            rows = s.exec(select(Job.provider, func.count()).where(Job.state == QUEUED)
+                          .group_by(Job.provider)).all()
+            return {provider: int(n) for provider, n in rows}
+
     def iter_jobs(self, batch_id: str, chunk: int = 1000) -> Iterator[Job]:
         """Jobs in input-line order, read in chunks so a 100k batch is never all in memory."""
         last = -1

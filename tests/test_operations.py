@@ -379,6 +379,8 @@ def test_metrics_endpoint_serves_queue_depth_jobs_and_pools(redis_url: str,
     assert s['batchroute_queue_messages{queue="batchroute.sweep"}'] == 0
     assert s["batchroute_queue_unacked_messages"] == 0
     assert s['batchroute_jobs{state="queued"}'] == 25
+    assert s['batchroute_queue_jobs{queue="batchroute.sim"}'] == 25
+    assert s['batchroute_queue_jobs{queue="batchroute.sweep"}'] == 0
     assert s[f'batchroute_batch_jobs{{batch_id="{batch_id}",state="queued"}}'] == 25
     assert s['batchroute_up{part="broker"}'] == s['batchroute_up{part="store"}'] == 1
 
