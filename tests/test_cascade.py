@@ -257,9 +257,10 @@ def test_ingestion_starts_jobs_above_a_skipped_tier() -> None:
     add_attempts(store, "extract", 1, ok=0, invalid=30)
     add_attempts(store, "extract", 2, ok=30, cost=C2)
     config = parse_config(base_config(cascade={"min_observations": 5, "explore_rate": 0}))
-    rows = [{"id": f"j{i}", "task": task, "ladder": [1, 2, 3], "tier_index": 0, "tier": 1,
-             "model": "m1", "provider": "p", "options": {"pin": None}}
-            for i, task in enumerate(["extract", "classify", "extract"])]
+    rows: list[dict[str, Any]] = [
+        {"id": f"j{i}", "task": task, "ladder": [1, 2, 3], "tier_index": 0, "tier": 1,
+         "model": "m1", "provider": "p", "options": {"pin": None}}
+        for i, task in enumerate(["extract", "classify", "extract"])]
     assert IngestStart(config, store).apply(rows) == 2
     assert [(r["tier"], r["model"]) for r in rows] == [(2, "m2"), (1, "m1"), (2, "m2")]
     assert rows[0]["options"]["cascade_skipped"] == [1]

@@ -39,7 +39,7 @@ def store(db_url: str) -> Store:
 
 def runtime(store: Store) -> tuple[Runtime, Recorder]:
     recorder = Recorder()
-    return Runtime(CONFIG, store, recorder), recorder  # type: ignore[arg-type]
+    return Runtime(CONFIG, store, recorder), recorder
 
 
 # ---- sizing and the message ----------------------------------------------------------------
@@ -115,8 +115,7 @@ def test_transition_many_writes_each_move_guarded_with_its_attempt(store: Store)
     ids = batch_of(store, 4)
     store.claim_many([(i, 1) for i in ids])
     # The runs were given up for dead meanwhile: the sweeper moved every job to attempt 2,
-    sweep(store, CONFIG, Recorder(), batch_id="b-test",  # type: ignore[arg-type]
-          reclaim_running=True)
+    sweep(store, CONFIG, Recorder(), batch_id="b-test", reclaim_running=True)
     for i in ids[:3]:  # and new runs claimed three of them
         assert store.claim(i, 2) is not None
     store.transition_many([

@@ -93,15 +93,16 @@ def test_spec_errors(spec: dict[str, Any], message: str) -> None:
 
 
 def test_specs_for_tier_keeps_unrestricted_and_matching_specs() -> None:
-    specs = [{"type": "non_empty"}, {"type": "consensus", "k": 3, "tiers": [1]},
-             {"type": "json", "tiers": [2, 3]}]
+    specs: list[dict[str, Any]] = [{"type": "non_empty"},
+                                   {"type": "consensus", "k": 3, "tiers": [1]},
+                                   {"type": "json", "tiers": [2, 3]}]
     assert specs_for_tier(specs, 1) == [{"type": "non_empty"}, {"type": "consensus", "k": 3}]
     assert specs_for_tier(specs, 3) == [{"type": "non_empty"}, {"type": "json"}]
     validate_specs(specs)  # "tiers" is accepted on any spec
 
 
 def test_with_samples_raises_n_to_the_largest_k_and_never_lowers_it() -> None:
-    body = {"messages": []}
+    body: dict[str, Any] = {"messages": []}
     specs = [{"type": "consensus", "k": 3}, {"type": "consensus", "k": 5}]
     assert consensus.with_samples(body, specs)["n"] == 5
     assert consensus.with_samples({**body, "n": 8}, specs)["n"] == 8

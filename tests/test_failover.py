@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -240,8 +240,9 @@ def test_fatal_errors_fail_at_once_with_the_reason(sim: SimServer, harness: Harn
 
 def test_bad_output_classes_escalate(sim: SimServer, harness: Harness) -> None:
     for fault in ("empty_rate", "length_rate", "content_filter_rate"):
-        sim.set_model("a-small", SimModel(**{fault: 1.0}))
-        sim.set_model("b-small", SimModel(**{fault: 1.0}))
+        rates: dict[str, Any] = {fault: 1.0}
+        sim.set_model("a-small", SimModel(**rates))
+        sim.set_model("b-small", SimModel(**rates))
         (job_id,) = harness.run()
         job = harness.store.get_job(job_id)
         assert job is not None and job.state == "succeeded" and job.tier == 2, fault
@@ -297,7 +298,7 @@ def test_secrets_never_reach_logs_store_results_or_broker(
     assert sim.stats()["requests"] >= 20  # the key was really used
     db_path = os.environ["BATCHROUTE_DATABASE_URL"].removeprefix("sqlite:///")
     r = redis.Redis.from_url(redis_url)
-    broker_dump = b"".join(k + repr(r.dump(k)).encode() for k in r.keys("*"))
+    broker_dump = b"".join(k + repr(r.dump(k)).encode() for k in cast(list[bytes], r.keys("*")))
     from sqlmodel import SQLModel
 
     rows = b""

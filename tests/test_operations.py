@@ -496,7 +496,8 @@ def test_task_events_reach_flower_in_batches(start_worker: Any, tmp_path: Path,
     store = Store()
     wait_for(lambda: _done(store, batch_id, 60), 120,
              f"the worker to run the batch; log:\n{worker.log()[-3000:]}")
-    publishes, events = 0, []
+    publishes = 0
+    events: list[str] = []
     deadline = 1.5  # the last batch goes out within the flush interval
     while (msg := pubsub.get_message(timeout=deadline)) is not None:
         if msg["type"] != "pmessage" or not msg["channel"].endswith(b"task.multi"):

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+from typing import Any
+
 from batchroute.policy import MAX_ATTEMPTS_PER_JOB, Action, Position, after_error, after_validation
 from batchroute.providers.base import ErrorKind
 
 
 def pos(**kw: object) -> Position:
-    base = {"tier_index": 0, "ladder_len": 3, "attempt_no": 1, "consecutive_errors": 1,
-            "has_failover": False, "max_retries": 2}
+    base: dict[str, Any] = {"tier_index": 0, "ladder_len": 3, "attempt_no": 1,
+                            "consecutive_errors": 1, "has_failover": False, "max_retries": 2}
     base.update(kw)
-    return Position(**base)  # type: ignore[arg-type]
+    return Position(**base)
 
 
 def test_validation_pass_and_escalation() -> None:

@@ -101,7 +101,7 @@ def test_rate_parameters() -> None:
     assert 1 / t.interval == pytest.approx(59001 / 60.5)
     for bad in (dict(limit=0), dict(limit=10, burst=11), dict(limit=10, window_s=0)):
         with pytest.raises(ValueError):
-            Rate(**bad)  # type: ignore[arg-type]
+            Rate(**bad)
 
 
 def _greedy(rate: Rate, costs: list[int], rng: random.Random,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -56,7 +56,7 @@ class Recorder:
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
         self.sent.append((job_id, attempt_no, queue))
 
-    def enqueue_many(self, items: list[tuple[str, int, str]]) -> None:
+    def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
         self.sent.extend(items)
 
 

@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
@@ -404,7 +404,7 @@ def test_no_secret_reaches_any_artefact(tmp_path: Path, monkeypatch: pytest.Monk
     assert res2.exit_code == 0, res2.output
     captured = capfd.readouterr()
     broker = redis.Redis.from_url(own_broker.url)
-    messages = b"".join(broker.lrange("batchroute.sim", 0, -1))
+    messages = b"".join(cast(list[bytes], broker.lrange("batchroute.sim", 0, -1)))
     assert len(messages) > 0
     database = b"".join(p.read_bytes() for p in tmp_path.glob("test.db*"))  # + WAL
     engine = Store().engine  # every row of every table, whichever the store
