@@ -13,15 +13,13 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+from batchroute.providers.base import ErrorKind, ProviderError
+from batchroute.providers.errors import classify
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
 API_VERSION = "2023-06-01"
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                 "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
-ERROR_TYPES = {"rate_limit_error": 429, "overloaded_error": 529, "api_error": 500,
-               "authentication_error": 401, "permission_error": 403,
-               "invalid_request_error": 400, "request_too_large": 413}
 
 
 def to_messages_request(api_model: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,9 +69,7 @@ class AnthropicAdapter:
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
         if response.status_code >= 400:
-            message, etype = _error_fields(response)
-            status = ERROR_TYPES.get(etype, response.status_code)
-            raise error_from_status(status, message, etype, parse_retry_after(response.headers))
+            raise classify(response.status_code, response.headers, response.content)
         try:
             data = response.json()
             content = "".join(block.get("text", "") for block in data["content"]
@@ -96,10 +92,3 @@ class AnthropicAdapter:
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
         )
 
-
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    try:
-        err = response.json().get("error") or {}
-        return str(err.get("message") or response.reason_phrase), str(err.get("type") or "")
-    except (json.JSONDecodeError, AttributeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}", ""

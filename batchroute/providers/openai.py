@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+from batchroute.providers.base import ErrorKind, ProviderError
+from batchroute.providers.errors import classify
 
 # Keys of the job body forwarded to the provider; anything else (our own fields,
 # vendor extensions a provider would reject) stays behind.
@@ -29,9 +30,7 @@ class OpenAIAdapter:
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
         if response.status_code >= 400:
-            message, code = _error_fields(response)
-            raise error_from_status(response.status_code, message, code,
-                                    parse_retry_after(response.headers))
+            raise classify(response.status_code, response.headers, response.content)
         try:
             data = response.json()
             choice = data["choices"][0]
@@ -70,11 +69,3 @@ def _other_choices(choices: list[Any]) -> tuple[str, ...]:
     return tuple(str(((c.get("message") or {}) if isinstance(c, dict) else {}).get("content")
                      or "") for c in ordered[1:])
 
-
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    try:
-        err = response.json().get("error") or {}
-        return str(err.get("message") or response.reason_phrase), str(err.get("code") or
-                                                                      err.get("type") or "")
-    except (json.JSONDecodeError, AttributeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}", ""
