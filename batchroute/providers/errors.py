@@ -35,10 +35,11 @@ from batchroute.providers.retry_after import retry_after_in_message, retry_after
 CONTEXT_PATTERNS = re.compile("|".join([
     r"context_length_exceeded",  # OpenAI / Azure / OpenRouter code
     r"contextwindowexceedederror",  # LiteLLM's exception class name (proxy 400)
-    r"context window exceeded",  # LiteLLM's mapped message
+    r"context[ _]window[ _]exceed",  # LiteLLM's mapped message, Z.ai's code
     r"exceeds the context window",  # OpenAI, Responses-era wording
     r"maximum context length",  # OpenAI, vLLM, OpenRouter, Mistral
-    r"longer than the model's context length",  # vLLM / SGLang
+    r"longer than the model's context length",  # vLLM / SGLang / Together
+    r"maximum prompt length is",  # xAI
     r"context length exceeded",
     r"prompt is too long",  # Anthropic
     r"input is too long",  # Bedrock
