@@ -9,16 +9,20 @@ instead of waiting.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
+from batchroute.config import ProviderConfig
 from batchroute.policy import Action, Position, after_error
-from batchroute.providers import ErrorKind, ProviderError
-from batchroute.providers.errors import classify, error_in_ok_body, error_in_ok_reply
+from batchroute.providers import ErrorKind, ProviderError, call
+from batchroute.providers.errors import classify, error_in_ok_body, reply_error
 from batchroute.providers.retry_after import (
     MAX_RETRY_AFTER_S,
     parse_duration,
@@ -215,10 +219,22 @@ def test_errors_in_ok_bodies() -> None:
     assert not error_in_ok_body({"id": "c", "choices": [], "error": None})
     assert not error_in_ok_body({"content": [], "type": "message"})
     assert not error_in_ok_body("text")
-    assert error_in_ok_reply(200, {}, b'{"choices": []}') is None
-    error = error_in_ok_reply(200, {"retry-after": "2"},
-                              b'{"error": {"code": 429, "message": "Rate limit exceeded"}}')
+    assert reply_error(200, {}, b'{"choices": []}') is None
+    assert reply_error(200, {}, b'{"choices": [{"message": {"content": "\\"error\\""}}]}') is None
+    assert reply_error(200, {}, b'{"choices": [], "error": null}') is None
+    error = reply_error(200, {"retry-after": "2"},
+                        b'{"error": {"code": 429, "message": "Rate limit exceeded"}}')
     assert error is not None and error.kind is ErrorKind.RATE_LIMITED and error.retry_after == 2
+    error = reply_error(503, {}, b"upstream connect error")
+    assert error is not None and error.kind is ErrorKind.OVERLOADED
+
+
+def test_hostile_bodies_stay_bounded() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert classify(500, {}, deep).kind is ErrorKind.OVERLOADED
+    huge = json.dumps({"error": {"message": "x" * 1_000_000, "code": "y" * 10_000}})
+    error = classify(400, {}, huge)
+    assert len(error.message) <= 1000 and error.kind is ErrorKind.INVALID_REQUEST
 
 
 # ---- Retry-After: every header form ------------------------------------------------------
@@ -307,3 +323,68 @@ def test_base_keeps_the_old_name() -> None:
     from batchroute.providers.base import parse_retry_after
 
     assert parse_retry_after(httpx.Headers({"llm_provider-retry-after": "2"})) == 2.0
+
+
+# ---- both adapters, over real HTTP, on the error path -------------------------------------
+class _Canned(BaseHTTPRequestHandler):
+    """Answers every POST with the (status, headers, body) the test put on the server."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        status, headers, body = self.server.reply  # type: ignore[attr-defined]
+        self.send_response(status)
+        for k, v in {"content-type": "application/json", **headers}.items():
+            self.send_header(k, v)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def canned() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _call(server: ThreadingHTTPServer, kind: str, status: int, headers: dict[str, str],
+          body: Any) -> ProviderError:
+    server.reply = (status, headers, json.dumps(body).encode())  # type: ignore[attr-defined]
+    provider = ProviderConfig(name="p", kind=kind,
+                              base_url=f"http://127.0.0.1:{server.server_address[1]}/v1")
+    with httpx.Client() as client, pytest.raises(ProviderError) as e:
+        call(client, provider, provider.base_url, "m",
+             {"messages": [{"role": "user", "content": "hi"}]})
+    return e.value
+
+
+@pytest.mark.parametrize(("kind", "status", "headers", "body", "error_kind", "wait"), [
+    ("openai", 400, {}, LITELLM_PROXY_CONTEXT, ErrorKind.CONTEXT_LENGTH, None),
+    ("openai", 400, {}, VLLM_CONTEXT, ErrorKind.CONTEXT_LENGTH, None),
+    ("openai", 400, {}, AZURE_FILTER, ErrorKind.CONTENT_FILTER, None),
+    ("openai", 429, {"llm_provider-retry-after": "4"}, LITELLM_429, ErrorKind.RATE_LIMITED, 4.0),
+    ("openai", 200, {"retry-after-ms": "1500"},
+     {"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-min."}},
+     ErrorKind.RATE_LIMITED, 1.5),
+    ("anthropic", 400, {}, ANTHROPIC_CONTEXT, ErrorKind.CONTEXT_LENGTH, None),
+    ("anthropic", 400, {}, LITELLM_PROXY_CONTEXT_MESSAGES, ErrorKind.CONTEXT_LENGTH, None),
+    ("anthropic", 529, {"retry-after": "2"}, ANTHROPIC_529, ErrorKind.OVERLOADED, 2.0),
+    ("anthropic", 429, {"anthropic-ratelimit-requests-remaining": "0",
+                        "anthropic-ratelimit-requests-reset": "2000-01-01T00:00:00Z"},
+     ANTHROPIC_429, ErrorKind.RATE_LIMITED, 0.0),
+    ("anthropic", 200, {}, ANTHROPIC_529, ErrorKind.OVERLOADED, None),
+])
+def test_adapters_classify_error_replies(canned: ThreadingHTTPServer, kind: str, status: int,
+                                         headers: dict[str, str], body: Any,
+                                         error_kind: ErrorKind, wait: float | None) -> None:
+    error = _call(canned, kind, status, headers, body)
+    assert error.kind is error_kind, error
+    assert error.retry_after == wait

@@ -12,7 +12,6 @@ from batchroute.completion import Completion
 from batchroute.config import ProviderConfig
 from batchroute.providers.anthropic import AnthropicAdapter
 from batchroute.providers.base import Adapter, ErrorKind, ProviderError
-from batchroute.providers.errors import error_in_ok_reply
 from batchroute.providers.openai import OpenAIAdapter
 
 ADAPTERS: dict[str, Adapter] = {"openai": OpenAIAdapter(), "anthropic": AnthropicAdapter()}
@@ -35,12 +34,4 @@ def call(client: httpx.Client, provider: ProviderConfig, base_url: str, api_mode
                             f"({type(e).__name__})") from None
     except httpx.TransportError as e:
         raise ProviderError(ErrorKind.CONNECTION, f"{type(e).__name__}: {e}") from None
-    try:
-        return adapter.parse_response(response, time.perf_counter() - started)
-    except ProviderError as e:
-        # Some gateways answer 200 with an error object (a rate limit, an upstream's
-        # overload): read it as that error rather than as an unreadable reply.
-        if e.kind is ErrorKind.BAD_RESPONSE and response.status_code < 400:
-            raise error_in_ok_reply(response.status_code, response.headers,
-                                    response.content) or e from None
-        raise
+    return adapter.parse_response(response, time.perf_counter() - started)

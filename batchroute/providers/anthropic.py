@@ -14,7 +14,7 @@ import httpx
 
 from batchroute.completion import Completion, Usage
 from batchroute.providers.base import ErrorKind, ProviderError
-from batchroute.providers.errors import classify
+from batchroute.providers.errors import reply_error
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
 API_VERSION = "2023-06-01"
@@ -68,8 +68,9 @@ class AnthropicAdapter:
                                     json=to_messages_request(api_model, body), headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
-        if response.status_code >= 400:
-            raise classify(response.status_code, response.headers, response.content)
+        error = reply_error(response.status_code, response.headers, response.content)
+        if error is not None:  # any status >= 400, or a gateway's error object in a 200
+            raise error
         try:
             data = response.json()
             content = "".join(block.get("text", "") for block in data["content"]

@@ -52,6 +52,9 @@ CONTENT_FILTER_PATTERNS = re.compile("|".join([
     r"content_filter", r"content_policy_violation", r"contentpolicyviolationerror",
     r"responsibleaipolicyviolation", r"content management policy",
 ]))
+# What is kept of a provider's words: enough to read, bounded against a hostile upstream.
+MAX_MESSAGE = 1000
+MAX_CODE = 100
 RATE_LIMIT_TYPES = {"rate_limit_error", "rate_limit_exceeded", "throttling_error",
                     "ratelimiterror", "resource_exhausted", "tokens", "requests"}
 OVERLOAD_TYPES = {"overloaded_error", "api_error", "server_error", "service_unavailable",
@@ -65,15 +68,16 @@ def error_fields(body: Any, fallback: str = "") -> tuple[str, str, str]:
     if isinstance(body, list) and body:
         body = body[0]
     if not isinstance(body, dict):
-        return (str(body)[:500] if body not in (None, "") else fallback), "", ""
+        return (str(body)[:MAX_MESSAGE] if body not in (None, "") else fallback), "", ""
     err: Any = body.get("error", body)
     if isinstance(err, str):  # {"error": "message"} (older gateways, Ollama)
-        return err, str(body.get("type") or ""), str(body.get("code") or "")
+        return (err[:MAX_MESSAGE], str(body.get("type") or "")[:MAX_CODE],
+                str(body.get("code") or "")[:MAX_CODE])
     if not isinstance(err, dict):
         err = body
     message = err.get("message") or err.get("detail") or body.get("detail") or fallback
     if not isinstance(message, str):
-        message = json.dumps(message)[:500]
+        message = json.dumps(message)[:MAX_MESSAGE]
     meta = err.get("metadata")
     if isinstance(meta, dict) and meta.get("raw"):  # OpenRouter: the upstream's own reply
         raw = meta["raw"]
@@ -82,7 +86,8 @@ def error_fields(body: Any, fallback: str = "") -> tuple[str, str, str]:
     code = err.get("code")
     if isinstance(inner, dict) and inner.get("code") and not code:
         code = inner["code"]
-    return message, str(err.get("type") or err.get("status") or ""), str(code or "")
+    return (message[:MAX_MESSAGE], str(err.get("type") or err.get("status") or "")[:MAX_CODE],
+            str(code or "")[:MAX_CODE])
 
 
 def _parse(body: bytes | str | Any) -> Any:
@@ -91,7 +96,7 @@ def _parse(body: bytes | str | Any) -> Any:
     if isinstance(body, str):
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return body.strip()
     return body
 
@@ -137,13 +142,24 @@ def _kind(status: int, etype: str, code: str, text: str) -> ErrorKind:
     return ErrorKind.INVALID_REQUEST
 
 
+def reply_error(status: int, headers: Mapping[str, str], content: bytes,
+                cap_s: float | None = None) -> ProviderError | None:
+    """The error a reply carries, or None for a reply to parse as a completion.
+
+    Any status >= 400 is an error; a 2xx is one when its body is an error object (some
+    gateways answer 200 with ``{"error": ...}``). A 2xx body without the bytes ``"error"``
+    is no error object, so successful replies are not parsed twice.
+    """
+    if status >= 400:
+        return classify(status, headers, content, cap_s)
+    if b'"error"' not in content:
+        return None
+    return error_in_ok_reply(status, headers, content, cap_s)
+
+
 def error_in_ok_reply(status: int, headers: Mapping[str, str], body: bytes | str | Any,
                       cap_s: float | None = None) -> ProviderError | None:
-    """The error a 2xx reply carries instead of a completion, or None when it does not.
-
-    Called only once a 2xx body failed to parse as a completion, so the success path never
-    pays for a second parse.
-    """
+    """The error a 2xx reply carries instead of a completion, or None when it does not."""
     data = _parse(body)
     return classify(status, headers, data, cap_s) if error_in_ok_body(data) else None
 

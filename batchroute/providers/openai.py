@@ -10,7 +10,7 @@ import httpx
 
 from batchroute.completion import Completion, Usage
 from batchroute.providers.base import ErrorKind, ProviderError
-from batchroute.providers.errors import classify
+from batchroute.providers.errors import reply_error
 
 # Keys of the job body forwarded to the provider; anything else (our own fields,
 # vendor extensions a provider would reject) stays behind.
@@ -29,8 +29,9 @@ class OpenAIAdapter:
                                     headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
-        if response.status_code >= 400:
-            raise classify(response.status_code, response.headers, response.content)
+        error = reply_error(response.status_code, response.headers, response.content)
+        if error is not None:  # any status >= 400, or a gateway's error object in a 200
+            raise error
         try:
             data = response.json()
             choice = data["choices"][0]
