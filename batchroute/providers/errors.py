@@ -49,7 +49,7 @@ CONTEXT_PATTERNS = re.compile("|".join([
     r"too many tokens in (?:the )?prompt",
 ]))
 CONTENT_FILTER_PATTERNS = re.compile("|".join([
-    r"content_filter", r"content_policy_violation", r"contentpolicyviolationerror",
+    r"content_filter", r"content_policy", r"contentpolicyviolationerror",
     r"responsibleaipolicyviolation", r"content management policy",
 ]))
 # What is kept of a provider's words: enough to read, bounded against a hostile upstream.
@@ -112,7 +112,7 @@ def classify(status: int, headers: Mapping[str, str], body: bytes | str | Any,
     etype_l, code_l = etype.lower(), code.lower()
     if status < 400 and code.isdigit() and 400 <= int(code) < 600:
         status = int(code)  # OpenRouter's 200-with-error carries the real status as code
-    if status != 429 and CONTEXT_PATTERNS.search(text):
+    if status != 429 and ("context_length" in code_l or CONTEXT_PATTERNS.search(text)):
         return ProviderError(ErrorKind.CONTEXT_LENGTH, message, status)
     if CONTENT_FILTER_PATTERNS.search(f"{etype_l} {code_l}") or (
             status == 400 and CONTENT_FILTER_PATTERNS.search(text)):
@@ -131,6 +131,7 @@ def _kind(status: int, etype: str, code: str, text: str) -> ErrorKind:
         return ErrorKind.RATE_LIMITED
     if status in (401, 403) or etype in AUTH_TYPES or code in AUTH_TYPES:
         return ErrorKind.AUTH
+    # 408 and 409 (a lock timeout at OpenAI) are retried by the providers' own SDKs too.
     if etype in OVERLOAD_TYPES or status >= 500 or status in (408, 409):
         return ErrorKind.OVERLOADED
     if status < 400:
