@@ -175,8 +175,10 @@ def charged_tokens(usage: Usage, cap: int | None) -> int | None:
 
 def header_block_s(headers: Mapping[str, str], now_wall: float | None = None) -> float:
     """Seconds the provider says a limit stays exhausted (``remaining: 0`` + its reset),
-    from OpenAI-style or Anthropic-style rate-limit headers; 0 when nothing is exhausted."""
-    h = {k.lower(): v for k, v in headers.items()}
+    from OpenAI-style or Anthropic-style rate-limit headers; 0 when nothing is exhausted.
+    Behind LiteLLM's proxy they arrive prefixed ``llm_provider-``; unprefixed ones win."""
+    h = {k.lower().removeprefix("llm_provider-"): v for k, v in headers.items()}
+    h.update((k.lower(), v) for k, v in headers.items() if "llm_provider-" not in k.lower())
     block = 0.0
     for kind in ("requests", "tokens"):
         if _zero(h.get(f"x-ratelimit-remaining-{kind}")):

@@ -388,3 +388,19 @@ def test_adapters_classify_error_replies(canned: ThreadingHTTPServer, kind: str,
     error = _call(canned, kind, status, headers, body)
     assert error.kind is error_kind, error
     assert error.retry_after == wait
+
+
+def test_pacing_reads_rate_limit_headers_forwarded_by_litellm() -> None:
+    """On a 200, the pools read ``remaining: 0`` + reset; behind LiteLLM's proxy an
+    Anthropic upstream's headers arrive only as ``llm_provider-anthropic-ratelimit-*``."""
+    from batchroute.ratelimit import header_block_s
+
+    forwarded = {"llm_provider-anthropic-ratelimit-requests-remaining": "0",
+                 "llm_provider-anthropic-ratelimit-requests-reset": _rfc3339(8)}
+    assert header_block_s(forwarded, now_wall=NOW) == pytest.approx(8.0)
+    assert header_block_s({"llm_provider-x-ratelimit-remaining-tokens": "0",
+                           "llm_provider-x-ratelimit-reset-tokens": "1.5s"}) == 1.5
+    # The unprefixed header (the proxy's own view) wins over the forwarded one.
+    assert header_block_s({"x-ratelimit-remaining-requests": "5",
+                           "llm_provider-x-ratelimit-remaining-requests": "0",
+                           "x-ratelimit-reset-requests": "3s"}) == 0.0
