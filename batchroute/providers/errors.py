@@ -68,7 +68,8 @@ def error_fields(body: Any, fallback: str = "") -> tuple[str, str, str]:
     if isinstance(body, list) and body:
         body = body[0]
     if not isinstance(body, dict):
-        return (str(body)[:MAX_MESSAGE] if body not in (None, "") else fallback), "", ""
+        text = str(body)[:MAX_MESSAGE] if body not in (None, "") else ""
+        return (f"{fallback}: {text}" if text and fallback else text or fallback), "", ""
     err: Any = body.get("error", body)
     if isinstance(err, str):  # {"error": "message"} (older gateways, Ollama)
         return (err[:MAX_MESSAGE], str(body.get("type") or "")[:MAX_CODE],
