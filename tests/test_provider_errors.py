@@ -25,6 +25,7 @@ from batchroute.providers import ErrorKind, ProviderError, call
 from batchroute.providers.errors import classify, error_in_ok_body, reply_error
 from batchroute.providers.retry_after import (
     MAX_RETRY_AFTER_S,
+    capped,
     parse_duration,
     retry_after_in_message,
     retry_after_seconds,
@@ -307,6 +308,9 @@ def test_retry_after_caps() -> None:
     assert retry_after_seconds({"retry-after": "3"}, cap_s=float("nan")) == 3
     assert retry_after_seconds({"x-ratelimit-reset": str(NOW + 10**7)}, now=NOW) == (
         MAX_RETRY_AFTER_S)
+    assert capped(20.0, cap_s=5.0) == 5.0 and capped(2.0, cap_s=5.0) == 2.0
+    assert capped(float("inf")) == MAX_RETRY_AFTER_S and capped(float("inf"), 9) == 9
+    assert capped(float("nan")) is None and capped(-1.0) is None and capped(None, 3) is None
 
 
 def test_durations_and_prose() -> None:

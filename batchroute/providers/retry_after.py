@@ -162,8 +162,14 @@ def retry_after_seconds(headers: Mapping[str, str], cap_s: float | None = None,
     ``MAX_RETRY_AFTER_S`` bound the answer; ``now`` (epoch seconds) is for tests.
     """
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
-    seconds = _uncapped(lowered, time.time() if now is None else now)
-    if seconds is None:
+    return capped(_uncapped(lowered, time.time() if now is None else now), cap_s)
+
+
+def capped(seconds: float | None, cap_s: float | None = None) -> float | None:
+    """A wait bounded by ``MAX_RETRY_AFTER_S`` and by ``cap_s`` (e.g. what is left of the
+    batch's deadline, for a caller that holds the error's ``retry_after`` and the deadline);
+    garbage (negative, NaN, infinite) becomes None, a cap already passed becomes 0."""
+    if seconds is None or math.isnan(seconds) or seconds < 0:
         return None
     limit = MAX_RETRY_AFTER_S
     if cap_s is not None and not math.isnan(cap_s):
