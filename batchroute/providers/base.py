@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import httpx
 
 from batchroute.completion import Completion
+from batchroute.secrets import redact
 
 
 class ErrorKind(StrEnum):
@@ -30,6 +31,7 @@ class ErrorKind(StrEnum):
 class ProviderError(Exception):
     def __init__(self, kind: ErrorKind, message: str, status: int | None = None,
                  retry_after: float | None = None) -> None:
+        message = redact(message)  # providers echo keys in 401/400 bodies (batchroute.secrets)
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
         self.message = message
