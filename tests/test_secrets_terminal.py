@@ -140,10 +140,9 @@ def test_a_key_httpx_refuses_is_not_quoted_in_the_error(monkeypatch: pytest.Monk
     monkeypatch.setenv("BROKEN_API_KEY", f"sk-{token[:8]}\nsk-{token[8:]}")
     provider = ProviderConfig(name="echo", kind="openai", base_url="",
                               api_key_env="BROKEN_API_KEY", timeout_s=5)
-    with echo_server() as base_url, httpx.Client() as client:
-        with pytest.raises(ProviderError) as info:
-            call(client, provider, base_url, "m", {"messages": [{"role": "user",
-                                                                  "content": "hi"}]})
+    with (echo_server() as base_url, httpx.Client() as client,
+          pytest.raises(ProviderError) as info):
+        call(client, provider, base_url, "m", {"messages": [{"role": "user", "content": "hi"}]})
     assert token[:8] not in str(info.value) and token[8:] not in str(info.value)
 
 
