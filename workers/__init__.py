@@ -8,6 +8,7 @@ at least one worker must consume it (the default does).
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -16,6 +17,7 @@ import structlog
 from celery.signals import worker_ready
 from kombu import Queue
 
+from batchroute import flower_guard
 from batchroute.breaker import RedisBreakers
 from batchroute.broker import (
     CHUNK_TASK,
@@ -35,6 +37,8 @@ from batchroute.ratelimit import Limiter
 from batchroute.runtime import Runtime
 
 configure_logging()
+if "flower" in sys.argv[1:]:  # `celery -A workers flower`: never open without auth (#15)
+    flower_guard.install()
 config = load_config()
 check_api_keys(config)  # fail at start-up, naming the variable, before any job is taken
 
