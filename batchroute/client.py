@@ -11,6 +11,7 @@ waiting polls the store, which is the source of truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -83,7 +84,7 @@ class JobHandle:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                result = await asyncio.wait_for(asyncio.to_thread(self._check),
+                result = await asyncio.wait_for(_in_daemon_thread(self._check),
                                                 max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise JobTimeout(f"job {self.job_id} not finished after {timeout}s") from None
@@ -135,6 +136,28 @@ def _bounded(fn: Callable[[], Any], seconds: float) -> Any:
     if not ok:
         raise value
     return value
+
+
+def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """fn() in a daemon thread, as an awaitable. Not asyncio.to_thread: a hung call in the
+    default executor would hold up the loop's shutdown (asyncio.run waits for it)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value, ok = fn(), True
+        except BaseException as e:  # handed to the awaiting task
+            value, ok = e, False
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name="batchroute-wait", daemon=True).start()
+    return future
 
 
 class Client:
