@@ -252,10 +252,12 @@ def test_database_full_or_restarted_mid_batch_every_job_ends_within_a_minute(
     own_postgres.start()
     hogged = _hog(url, hold_s=4)  # and then "too many clients"
     back = time.monotonic()
+    done_at_back = done()
     assert hogged > 0
     wait_for(lambda: done() == jobs, 60,
              f"every job to end within a minute; worker log:\n{worker.log()[-3000:]}")
     took = time.monotonic() - back
+    assert done_at_back < jobs  # the outage fell mid-batch
     assert took < 60
     counts = store.state_counts(batch_id)
     assert counts.get("succeeded") == jobs, counts
