@@ -9,6 +9,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -20,7 +21,7 @@ from batchroute.config import ProviderConfig
 from batchroute.providers import ProviderError, call
 from batchroute.store import engine_url
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 from .echo_server import echo_server
 
 BATCHROUTE = str(Path(os.environ.get("VIRTUAL_ENV", "/work/venv")) / "bin" / "batchroute")
@@ -183,3 +184,43 @@ def test_ansi_in_custom_id_and_batch_name_is_escaped_on_the_terminal(
     assert "\x1b" not in text_shown and "\x07" not in text_shown
     assert "\\x1b[2J" in text_shown  # shown, visibly escaped
     assert "name\\x1b[2J" in text_shown and "[red]x" in text_shown  # markup not interpreted
+
+
+@pytest.mark.integration
+def test_canary_key_never_leaves_a_celery_worker(db_url: str, tmp_path: Path,
+                                                 start_worker: Any) -> None:
+    """The distributed path: a real worker's log (its own lines and Celery's), the rows
+    it writes and the results CLI."""
+    from batchroute.store import FINISHED, Store, get_engine
+
+    token = uuid.uuid4().hex
+    with echo_server() as base_url:
+        cfg = _config(tmp_path / "cfg.toml", base_url, "CANARY_API_KEY")
+        src = _batch(tmp_path / "in.jsonl", [f"ok-{i}" for i in range(4)] + ["auth-1", "bad-1"],
+                     ["say yes"] * 4 + ["auth please", "bad please"])
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHROUTE_DATABASE_URL": db_url,
+               "CANARY_API_KEY": f"sk-canary-{token}\n", "BATCHROUTE_CONFIG": str(cfg),
+               "BATCHROUTE_LOG_LEVEL": "DEBUG"}
+        worker = start_worker(concurrency=2, **{k: env[k] for k in (
+            "CANARY_API_KEY", "BATCHROUTE_CONFIG", "BATCHROUTE_LOG_LEVEL",
+            "BATCHROUTE_DATABASE_URL")})
+        sub = _cli(["submit", str(src), "--json"], env)
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        batch_id = json.loads(sub.stdout)["batch_id"]
+        store = Store(get_engine(db_url))
+
+        def done() -> bool:
+            counts = store.state_counts(batch_id)
+            return sum(counts.get(s, 0) for s in FINISHED) == 6
+
+        wait_for(done, 60, f"the batch; worker log:\n{worker.log()[-3000:]}")
+        res = _cli(["results", batch_id, "-o", str(tmp_path / "o.jsonl"),
+                    "--errors", str(tmp_path / "e.jsonl")], env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    errors = (tmp_path / "e.jsonl").read_text()
+    assert errors.count("[REDACTED]") >= 2, errors
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 4
+    everything = "\n".join([worker.log(), sub.stdout, sub.stderr, res.stdout, res.stderr,
+                            errors, (tmp_path / "o.jsonl").read_text(), _dump_tables(db_url)])
+    assert token not in everything
+    assert "attempt" in worker.log()

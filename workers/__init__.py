@@ -14,10 +14,10 @@ from typing import Any
 
 import redis
 import structlog
-from celery.signals import worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 from kombu import Queue
 
-from batchroute import flower_guard
+from batchroute import flower_guard, secrets
 from batchroute.breaker import RedisBreakers
 from batchroute.broker import (
     CHUNK_TASK,
@@ -105,3 +105,12 @@ def _check_broker_eviction(**_: Any) -> None:
     problem = broker_eviction_problem()
     if problem:
         structlog.get_logger("batchroute.worker").error("broker_may_evict", problem=problem)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_celery_logs(logger: Any = None, **_: Any) -> None:
+    """Celery's own log lines (a failed task's traceback, its arguments) get the same
+    redaction as ours: no API key reaches a log (batchroute.secrets)."""
+    if logger is not None:
+        secrets.install_logging_filter(logger)
