@@ -147,6 +147,9 @@ class ResilientStore(Store):
     def batch_budget(self, *args: Any, **kwargs: Any) -> Any:
         return with_retry(super().batch_budget, *args, what="batch_budget", **kwargs)
 
+    def tier_stats(self, *args: Any, **kwargs: Any) -> Any:  # the adaptive cascade's view
+        return with_retry(super().tier_stats, *args, what="tier_stats", **kwargs)
+
 
 def retry_task(task: Any, error: BaseException) -> BaseException:
     """What a Celery task should raise for `error`: for a transient database error, the
