@@ -76,9 +76,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.mark.integration
 def test_flower_without_auth_listens_on_loopback_only_and_refuses_other_addresses(
-        redis_url: str, tmp_path: Path, db_url: str) -> None:
+        redis_url: str, tmp_path: Path) -> None:
+    """Flower started for real (once: it does not touch the store)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
     env |= {"PYTHONPATH": str(ROOT), "BATCHROUTE_BROKER_URL": redis_url}
     env.pop(flower_guard.ALLOW_ENV, None)

@@ -156,7 +156,6 @@ def test_terminal_escape_defuses_control_sequences() -> None:
     assert terminal.for_rich("[red]x[/red]") == "\\[red]x\\[/red]"
 
 
-@pytest.mark.integration
 def test_ansi_in_custom_id_and_batch_name_is_escaped_on_the_terminal(
         db_url: str, tmp_path: Path) -> None:
     with echo_server() as base_url:
