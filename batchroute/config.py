@@ -330,7 +330,7 @@ def check_api_keys(config: Config, providers: list[str] | None = None) -> None:
         f"{p.api_key_env} (provider {p.name!r})"
         for p in config.providers.values()
         if p.api_key_env and (providers is None or p.name in providers)
-        and not os.environ.get(p.api_key_env)
+        and not (os.environ.get(p.api_key_env) or "").strip()  # blank is missing
     ]
     if missing:
         raise ConfigError("missing API key environment variable(s): " + ", ".join(missing)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from batchroute.secrets import redact, redact_obj
 from batchroute.store import FINISHED, SUCCEEDED, Job, Store
 
 
@@ -54,7 +55,9 @@ def output_line(job: Job, n_attempts: int, cost: float) -> dict[str, Any]:
         line["error"] = None
     else:
         line["response"] = None
-        line["error"] = job.error or {"code": job.state, "message": f"job is {job.state}"}
+        # Redacted again on the way out: an error stored before keys were redacted.
+        line["error"] = redact_obj(job.error) or {"code": job.state,
+                                                  "message": f"job is {job.state}"}
     line["batchroute"] = meta
     return line
 
@@ -83,7 +86,8 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
         for le in store.line_errors(batch_id):
             ferr.write(json.dumps({
                 "id": None, "custom_id": le.custom_id, "response": None,
-                "error": {"code": "invalid_line", "message": f"line {le.line_no}: {le.reason}",
+                "error": {"code": "invalid_line",
+                          "message": redact(f"line {le.line_no}: {le.reason}"),
                           "line": le.line_no}}) + "\n")
             summary.errors += 1
     return summary

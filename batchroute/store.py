@@ -204,7 +204,9 @@ def engine_url(url: str) -> str:
 def _server_engine(url: Any, **options: Any) -> Engine:
     """An engine for a database server: a pool sized for a worker's threads, whose
     connections are pinged only after sitting idle."""
-    engine = create_engine(url, pool_size=10, max_overflow=40, **options)
+    from batchroute.dbretry import pool_options  # small pools: see there (#15)
+
+    engine = create_engine(url, **pool_options(), **options)
     event.listen(engine, "checkin", _mark_idle)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import httpx
 
+from batchroute import secrets
 from batchroute.completion import Completion
 from batchroute.config import ProviderConfig
 from batchroute.providers.anthropic import AnthropicAdapter
@@ -23,7 +23,7 @@ def call(client: httpx.Client, provider: ProviderConfig, base_url: str, api_mode
          body: dict[str, Any]) -> Completion:
     """One HTTP call to a provider, normalised; raises ProviderError for every failure."""
     adapter = ADAPTERS[provider.kind]
-    api_key = os.environ.get(provider.api_key_env) if provider.api_key_env else None
+    api_key = secrets.api_key(provider.api_key_env)  # stripped, registered for redaction
     request = adapter.build_request(client, base_url, api_key, api_model, body)
     request.extensions["timeout"] = httpx.Timeout(provider.timeout_s).as_dict()
     started = time.perf_counter()

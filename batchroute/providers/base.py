@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import httpx
 
 from batchroute.completion import Completion
+from batchroute.secrets import redact
 
 # Retry-After parsing lives in its own module; these names stay importable from here
 # (ratelimit.py reads the reset durations through `_duration`).
@@ -35,6 +36,7 @@ class ErrorKind(StrEnum):
 class ProviderError(Exception):
     def __init__(self, kind: ErrorKind, message: str, status: int | None = None,
                  retry_after: float | None = None) -> None:
+        message = redact(message)  # providers echo keys in 401/400 bodies (batchroute.secrets)
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
         self.message = message
