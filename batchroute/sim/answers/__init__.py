@@ -254,9 +254,9 @@ def _summary_answer(rng: random.Random, bad: bool, prompt: str,
         if not sep:
             head, sep, rest = prompt.partition(":")
         body = rest if sep and _words(rest) else prompt
-        words = [_words(s) for s in _SENTENCE_SPLIT_RE.split(body)
-                 if not natural.is_instruction(s)]
-        return natural.one_sentence_answer(rng, bad, [w for w in words if w], limit)
+        source_words = [_words(s) for s in _SENTENCE_SPLIT_RE.split(body)
+                        if not natural.is_instruction(s)]
+        return natural.one_sentence_answer(rng, bad, [w for w in source_words if w], limit)
     limit = max(1, int(m.group(1)))
     source = _summary_source(prompt, system)
     sentences = [_words(s) for s in _SENTENCE_SPLIT_RE.split(source)]

@@ -55,9 +55,9 @@ def labels(text: str) -> list[str]:
         if len({i.lower() for i in items}) != len(items):
             continue
         return items
-    m = _YES_NO_RE.search(text)
-    if m:
-        return ["yes", "no"] if m.group(0).lower().startswith("y") else ["true", "false"]
+    yn = _YES_NO_RE.search(text)
+    if yn:
+        return ["yes", "no"] if yn.group(0).lower().startswith("y") else ["true", "false"]
     return []
 
 
