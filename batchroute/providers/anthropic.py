@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+from batchroute.providers.base import (
+    ErrorKind,
+    ProviderError,
+    error_from_status,
+    http_error,
+    parse_retry_after,
+)
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
 API_VERSION = "2023-06-01"
@@ -73,7 +79,8 @@ class AnthropicAdapter:
         if response.status_code >= 400:
             message, etype = _error_fields(response)
             status = ERROR_TYPES.get(etype, response.status_code)
-            raise error_from_status(status, message, etype, parse_retry_after(response.headers))
+            raise http_error(error_from_status(status, message, etype,
+                                               parse_retry_after(response.headers)), response)
         try:
             data = response.json()
             content = "".join(block.get("text", "") for block in data["content"]

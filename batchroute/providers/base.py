@@ -35,6 +35,9 @@ class ProviderError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        # The provider's HTTP answer when it sent one (status_code, request_id, body), so a
+        # failed job's output line can give people what the provider said (OpenAI's format).
+        self.response: dict[str, Any] | None = None
 
 
 class Adapter(Protocol):
@@ -42,6 +45,25 @@ class Adapter(Protocol):
                       api_model: str, body: dict[str, Any]) -> httpx.Request: ...
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion: ...
+
+
+_MAX_ERROR_BODY = 8192
+
+
+def http_error(error: ProviderError, response: httpx.Response) -> ProviderError:
+    """Attach the provider's HTTP answer to ``error``: its status code, its request id
+    (``x-request-id``, Anthropic's ``request-id``) and its body (JSON when it is JSON, else
+    the first 8 KiB of text), the way OpenAI's batch output reports a failed request."""
+    body: Any
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text[:_MAX_ERROR_BODY]
+    error.response = {"status_code": response.status_code,
+                      "request_id": response.headers.get("x-request-id")
+                      or response.headers.get("request-id") or "",
+                      "body": body}
+    return error
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:

@@ -9,7 +9,13 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, error_from_status, parse_retry_after
+from batchroute.providers.base import (
+    ErrorKind,
+    ProviderError,
+    error_from_status,
+    http_error,
+    parse_retry_after,
+)
 
 # Keys of the job body forwarded to the provider; anything else (our own fields,
 # vendor extensions a provider would reject) stays behind.
@@ -30,8 +36,8 @@ class OpenAIAdapter:
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
         if response.status_code >= 400:
             message, code = _error_fields(response)
-            raise error_from_status(response.status_code, message, code,
-                                    parse_retry_after(response.headers))
+            raise http_error(error_from_status(response.status_code, message, code,
+                                               parse_retry_after(response.headers)), response)
         try:
             data = response.json()
             choice = data["choices"][0]
