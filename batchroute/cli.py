@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchroute.cli_errors import FriendlyGroup
 from batchroute.cli_recovery import cancel, recover, resume
 from batchroute.cli_recovery import find_batch_or_fail as _batch
 from batchroute.config import Config, ConfigError, load_config
@@ -54,14 +55,17 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="BATCHROUTE_CONFIG", type=click.Path(),
               help="Routing config TOML (default: $BATCHROUTE_CONFIG, else the built-in "
                    "simulator config).")
 @click.option("-v", "--verbose", is_flag=True, help="Show INFO logs on stderr.")
+@click.option("--debug", is_flag=True, envvar="BATCHROUTE_DEBUG",
+              help="Show the full traceback of configuration and connection errors "
+                   "(default: one line saying what to do; also BATCHROUTE_DEBUG=1).")
 @click.version_option(package_name="batchroute")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool) -> None:
     """Run large batches of LLM requests on the cheapest model tier that gives acceptable
     answers.
 
