@@ -8,6 +8,7 @@ progress bars and tables stay readable.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
       batchroute results BATCH -o out.jsonl --errors errors.jsonl
       batchroute report BATCH
     """
-    configure_logging(level="INFO" if verbose else "WARNING")
+    # Every condition a command meets is in its own output (bad lines, republished
+    # messages, budget stops), so its log lines would only repeat them: the CLI logs
+    # errors only, always to stderr, unless -v or BATCHROUTE_LOG_LEVEL asks for more.
+    configure_logging(level="INFO" if verbose else os.environ.get("BATCHROUTE_LOG_LEVEL")
+                      or "ERROR")
     ctx.obj = Ctx(config_path)
 
 
@@ -152,7 +157,7 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
               help="Refuse the whole file on its first bad line (nothing is stored).")
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
-                   "(resume with a higher budget to finish them).")
+                   "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
            budget_usd: float | None) -> None:
@@ -166,6 +171,7 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
     from batchroute.ingest import BatchInputError, count_lines, file_batch_id, ingest_file
 
     store = Store()
+    existing = store.find_batch(file_batch_id(file))
     try:
         with _progress() as progress:
             bar = progress.add_task("submitting", total=count_lines(file), detail="")
@@ -181,22 +187,52 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             "finishes the submission once the broker is back") from None
     if result.problem_count and not as_json:
         _show_problems(result.problems, result.problem_count)
+    already = _already_submitted(store, existing, result.batch_id, result.enqueued)
     if as_json:
         _print_json({"batch_id": result.batch_id, "lines": result.lines, "jobs": result.jobs,
                      "enqueued": result.enqueued, "bad_lines": result.problem_count,
+                     "already_existed": existing is not None, "note": already,
                      "problems": [{"line": n, "reason": r} for n, r in result.problems]})
     else:
-        console.print(f"{result.jobs} jobs stored, {result.enqueued} enqueued")
+        if already:
+            console.print(f"[yellow]{already}[/yellow]", highlight=False)
+        else:
+            console.print(f"{result.jobs} jobs stored, {result.enqueued} enqueued")
         click.echo(result.batch_id)
 
 
+def _already_submitted(store: Store, existing: Batch | None, batch_id: str,
+                       enqueued: int) -> str | None:
+    """What to say when a submit stored and enqueued nothing because this file's batch was
+    already in the database (the quick start's `run` wrote it, or an earlier submit)."""
+    if existing is None or enqueued:
+        return None
+    from batchroute.batch_status import status_data
+
+    data = status_data(store, existing)
+    return (f"0 enqueued: batch {batch_id} already exists in {store.engine.url!r} "
+            f"({data['state']}, {data['done']}/{data['jobs']} jobs ended; from "
+            f"{existing.source or existing.name}): nothing was stored. Its results: "
+            f"`batchroute results {batch_id} -o out.jsonl`; to run the file again, use a new "
+            "database (BATCHROUTE_DATABASE_URL) or `batchroute resume` to finish it")
+
+
 def _status_data(store: Store, batch: Batch) -> dict[str, Any]:
-    counts = store.state_counts(batch.id)
-    total = sum(counts.values())
-    return {"batch_id": batch.id, "name": batch.name, "state": batch.state, "jobs": total,
-            "counts": counts, "done": sum(counts.get(s, 0) for s in FINISHED),
-            "bad_lines": [{"line": e.line_no, "custom_id": e.custom_id, "reason": e.reason}
-                          for e in store.line_errors(batch.id)[:100]]}
+    from batchroute.batch_status import status_data
+
+    return status_data(store, batch)
+
+
+def _stalls(obj: Ctx, store: Store, batch: Batch) -> dict[str, Any]:
+    """Stalled jobs of the batch and what to run (see batchroute.batch_status)."""
+    from batchroute.batch_status import find_stalls
+    from batchroute.cli_recovery import _broker
+
+    try:
+        queues = [p.queue for p in obj.config.providers.values()]
+    except click.ClickException:  # an unreadable config must not hide the batch
+        queues = []
+    return find_stalls(store, queues, _broker(), batch.id).as_dict(batch.id)
 
 
 @main.command()
@@ -209,17 +245,29 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
     store = Store()
     b = _batch(store, batch)
     data = _status_data(store, b)
+    stalls = _stalls(obj, store, b) if data["done"] < data["jobs"] else None
     if watch and not as_json:
+        shown: str | None = None
+        checked = time.monotonic()
         with _progress() as progress:
             bar = progress.add_task(f"batch {b.id}", total=data["jobs"], detail="")
             while True:
                 data = _status_data(store, b)
                 c = data["counts"]
-                progress.update(bar, completed=data["done"],
-                                detail=f"ok {c.get('succeeded', 0)} failed {c.get('failed', 0)}")
+                if time.monotonic() - checked >= 10 and data["done"] < data["jobs"]:
+                    stalls, checked = _stalls(obj, store, b), time.monotonic()
+                n_stalled = stalls["count"] if stalls else 0
+                progress.update(bar, completed=data["done"], total=data["jobs"],
+                                detail=f"ok {c.get('succeeded', 0)} failed {c.get('failed', 0)}"
+                                + (f" [red]stalled {n_stalled}[/red]" if n_stalled else ""))
+                if stalls and stalls["advice"] and stalls["advice"] != shown:
+                    shown = stalls["advice"]
+                    progress.console.print(f"[yellow]{shown}[/yellow]", highlight=False)
                 if data["done"] >= data["jobs"]:
                     break
                 time.sleep(0.5)
+        stalls = None if data["done"] >= data["jobs"] else stalls
+    data["stalled"] = stalls or {"count": 0, "advice": None}
     data["pools"], pools_problem = _pools(obj)
     if pools_problem:
         data["pools_error"] = pools_problem
@@ -229,10 +277,15 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
     table = Table(title=f"batch {b.id} ({b.name})")
     table.add_column("state")
     table.add_column("jobs", justify="right")
+    table.add_row(f"[bold]batch: {data['state']}[/bold]", "")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
     table.add_row("bad lines", str(b.error_lines))
+    if data["stalled"]["count"]:
+        table.add_row("[red]stalled[/red]", str(data["stalled"]["count"]))
     out.print(table)
+    if data["stalled"]["advice"]:
+        console.print(f"[yellow]{data['stalled']['advice']}[/yellow]", highlight=False)
     _show_pools(data["pools"], pools_problem)
 
 
