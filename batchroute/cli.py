@@ -20,6 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchroute.cli_errors import FriendlyGroup
+from batchroute.cli_outcome import (
+    FAILED_EXIT,
+    exit_code,
+    failed_warning,
+    report_warnings,
+    simulated_note,
+)
 from batchroute.cli_recovery import cancel, recover, resume
 from batchroute.cli_recovery import find_batch_or_fail as _batch
 from batchroute.config import Config, ConfigError, load_config
@@ -102,10 +109,14 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
               help="Refuse the whole file on its first bad line (nothing is run).")
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
-                   "(run again with a higher budget to finish them).")
+                   "(run again with a higher --budget-usd to finish them).")
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
-        concurrency: int, as_json: bool, strict: bool, budget_usd: float | None) -> None:
+        concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
+        fail_on_failed: bool) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
     from batchroute.ingest import BatchInputError
@@ -139,6 +150,11 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         console.print(f"results: {output} ({outcome.written.written} lines)"
                       + (f", errors: {errors or output} ({outcome.written.errors} lines)"
                          if outcome.written.errors else ""))
+    for line in [simulated_note(obj.config), *report_warnings(outcome.report,
+                                                             str(errors or output))]:
+        if line:
+            console.print(f"[yellow]{line}[/yellow]", highlight=False)
+    sys.exit(exit_code(int(outcome.report.get("failed") or 0), fail_on_failed))
 
 
 def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
@@ -239,8 +255,11 @@ def _stalls(obj: Ctx, store: Store, batch: Batch) -> dict[str, Any]:
 @click.argument("batch")
 @click.option("--watch", is_flag=True, help="Follow progress until the batch is done.")
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
 @click.pass_obj
-def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
+def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: bool) -> None:
     """Show how far BATCH has got, and each rate-limit pool's use against its limits."""
     store = Store()
     b = _batch(store, batch)
@@ -271,9 +290,10 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
     data["pools"], pools_problem = _pools(obj)
     if pools_problem:
         data["pools_error"] = pools_problem
+    failed = data["counts"].get("failed", 0)
     if as_json:
         _print_json(data)
-        return
+        sys.exit(exit_code(failed, fail_on_failed))
     table = Table(title=f"batch {b.id} ({b.name})")
     table.add_column("state")
     table.add_column("jobs", justify="right")
@@ -286,7 +306,11 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
     out.print(table)
     if data["stalled"]["advice"]:
         console.print(f"[yellow]{data['stalled']['advice']}[/yellow]", highlight=False)
+    warning = failed_warning(failed, data["jobs"], b.id, None)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
     _show_pools(data["pools"], pools_problem)
+    sys.exit(exit_code(failed, fail_on_failed))
 
 
 def _pools(obj: Ctx) -> tuple[list[dict[str, Any]], str | None]:
@@ -325,7 +349,10 @@ def _show_pools(pools: list[dict[str, Any]], problem: str | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--errors", type=click.Path(dir_okay=False, path_type=Path),
               help="Write failed jobs and bad lines here instead of into --output.")
-def results(batch: str, output: Path, errors: Path | None) -> None:
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
+def results(batch: str, output: Path, errors: Path | None, fail_on_failed: bool) -> None:
     """Write BATCH's results (OpenAI batch output format plus a `batchroute` field)."""
     from batchroute.results import write_results
 
@@ -335,6 +362,11 @@ def results(batch: str, output: Path, errors: Path | None) -> None:
     console.print(f"{summary.written} results to {output}, {summary.errors} errors to "
                   f"{errors or output}" + (f"; {summary.unfinished} jobs not finished yet"
                                            if summary.unfinished else ""))
+    failed = store.state_counts(b.id).get("failed", 0)
+    warning = failed_warning(failed, summary.written + failed, b.id, str(errors or output))
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
+    sys.exit(exit_code(failed, fail_on_failed))
 
 
 @main.command()
