@@ -97,8 +97,9 @@ class Stalls:
 def find_stalls(store: Store, queues: list[str], broker: Any | None,
                 batch_id: str, now: datetime | None = None,
                 stall_s: float | None = None) -> Stalls:
-    """The batch's stalled jobs. ``broker`` is a recovery.BrokerView (None: no broker to
-    ask, e.g. an embedded run; then every long-untouched queued job counts)."""
+    """The batch's stalled jobs. ``broker`` is a recovery.BrokerView; None (a broker that
+    cannot be inspected) leaves queued jobs out: without seeing the queues, a job waiting
+    its turn cannot be told from a lost one."""
     now = now or utcnow()
     stall_s = stall_seconds() if stall_s is None else stall_s
     out = Stalls(stall_s=stall_s)
@@ -106,11 +107,9 @@ def find_stalls(store: Store, queues: list[str], broker: Any | None,
     old = store.stale_queued(now - timedelta(seconds=stall_s), batch_id, limit=5000)
     if not old:
         return out
-    held: set[tuple[str, int]] | None = set()
-    if broker is not None:
-        # Every message the broker holds counts, delivered or not: a job held by a live
-        # worker (a rate-limit countdown) is waiting, not stalled.
-        held = broker.held(sorted(set(queues)), 1e9)
+    # Every message the broker holds counts, delivered or not: a job held by a live
+    # worker (a rate-limit countdown) is waiting, not stalled.
+    held = broker.held(sorted(set(queues)), 1e9) if broker is not None else None
     if held is None:
         out.broker_unreadable = True
         return out
