@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,16 @@ def test_at_least_thirty_phrasings() -> None:
     total = (len(LABEL_PROMPTS) + len(JSON_PROMPTS) + len(LIST_PROMPTS)
              + len(SUMMARY_PROMPTS) + len(CODE_PROMPTS))
     assert total >= 30
+
+
+def test_the_natural_example_batch_succeeds_with_savings(tmp_path: Path) -> None:
+    from batchroute.config import load_config
+    from batchroute.embedded import run_file
+    from batchroute.store import Store, get_engine
+
+    src = Path(__file__).resolve().parent.parent / "jobs" / "examples" / "natural_batch.jsonl"
+    store = Store(get_engine(f"sqlite:///{tmp_path / 'n.db'}"))
+    report = run_file(src, tmp_path / "out.jsonl", None, load_config(), store=store).report
+    assert report["jobs"] == 20
+    assert report["succeeded"] >= 19
+    assert report["savings_pct"] > 50
