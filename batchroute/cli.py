@@ -306,6 +306,10 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
     out.print(table)
     if data["stalled"]["advice"]:
         console.print(f"[yellow]{data['stalled']['advice']}[/yellow]", highlight=False)
+    elif data["stalled"].get("broker_unreadable"):
+        console.print("[yellow]the broker could not be inspected: queued jobs whose message "
+                      "was lost cannot be told apart (is Redis running at "
+                      "$BATCHROUTE_BROKER_URL?)[/yellow]", highlight=False)
     warning = failed_warning(failed, data["jobs"], b.id, None)
     if warning:
         console.print(f"[yellow]{warning}[/yellow]", highlight=False)
