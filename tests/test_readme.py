@@ -105,7 +105,7 @@ class Machine:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("BATCHROUTE_", "VIRTUAL_ENV", "PYTHON"))}
         self.env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-                        VIRTUAL_ENV=str(venv), COLUMNS="200")
+                        VIRTUAL_ENV=str(venv), COLUMNS="200", PIP_DISABLE_PIP_VERSION_CHECK="1")
         self.background: list[subprocess.Popen[bytes]] = []
         self.subs: dict[str, str] = {"redis://127.0.0.1:6379/0": REDIS_URL}
         self.log = tmp / "background.log"
