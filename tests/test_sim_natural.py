@@ -191,3 +191,10 @@ def test_the_natural_example_batch_succeeds_with_savings(tmp_path: Path) -> None
     assert report["jobs"] == 20
     assert report["succeeded"] >= 19
     assert report["savings_pct"] > 50
+
+
+def test_a_list_that_is_not_a_choice_is_not_a_label_set() -> None:
+    for prompt in ("Translate 'good morning' into Spanish or French.",
+                   "Describe the city as lively, green or quiet.",
+                   "Format the answer as JSON or YAML."):
+        assert labels(prompt) == [], prompt

@@ -38,6 +38,13 @@ _NOT_LABEL_TEXT = ("the this that it json csv yaml text words word one two three
                    "sentences list bullet bullets paragraph markdown python code function")
 _NOT_LABELS = frozenset(_NOT_LABEL_TEXT.split())
 _QUOTE_CHARS = "\"'`“”‘’"
+# Words that introduce choices only when the prompt is about choosing ("Translate this
+# into Spanish or French" is not a label set; "Categorize this into billing or bugs" is).
+_WEAK_ANCHORS = ("as", "into", "from", "with", "return", "output", "say")
+_CHOOSING_RE = re.compile(
+    r"classif|categor|label|sentiment|\btag\b|\bsort\b|\brate\b|priorit|urgen|spam|"
+    r"\bwhich\b|\bwhether\b|\bdecide|\bchoose|\bpick|\bdetect|\bdetermine|\bis\s+(?:it|this)\b",
+    re.I)
 
 
 def labels(text: str) -> list[str]:
@@ -53,6 +60,9 @@ def labels(text: str) -> list[str]:
         if len(items) < 2 or any(i.lower() in _NOT_LABELS for i in items):
             continue
         if len({i.lower() for i in items}) != len(items):
+            continue
+        anchor = m.group(0)[:m.start(1) - m.start(0)].strip(" :(").lower().split()
+        if anchor and anchor[0] in _WEAK_ANCHORS and not _CHOOSING_RE.search(text):
             continue
         return items
     yn = _YES_NO_RE.search(text)
