@@ -50,11 +50,15 @@ def simulated_note(config: Config) -> str | None:
     """Said in `run`'s output when every provider is the built-in simulator, so nobody
     mistakes its answers for a model's."""
     providers = list(config.providers.values())
-    if providers and all(p.base_url.startswith("sim:") for p in providers):
-        return ("note: answers are simulated (the built-in simulator, base_url sim://); "
-                "for real answers pass --config with real providers "
-                "(see jobs/providers.example.toml)")
-    return None
+    if not providers or not all(p.base_url.startswith("sim:") for p in providers):
+        return None
+    replay = (config.simulator or {}).get("replay")
+    if replay:
+        return (f"note: answers are replayed from {replay} (the simulator in replay mode), "
+                "not asked of a model now")
+    return ("note: answers are simulated (the built-in simulator, base_url sim://); "
+            "for real answers pass --config with real providers "
+            "(see jobs/providers.example.toml)")
 
 
 def exit_code(failed: int, fail_on_failed: bool) -> int:

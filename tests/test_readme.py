@@ -10,12 +10,15 @@ disturbed. Long-running commands (workers, beat, Flower) run in the background; 
 page is fetched with the README's credentials, then everything is stopped.
 
 Blocks that cannot run here are skipped for a stated reason (Docker is not installed; the
-test-suite block would run this test inside itself). The report figures printed in
+test-suite block would run this test inside itself). The calibration block runs as
+written on files of those names made from `tests/data/replay_tiny.*` (a labelled replay
+file, its routing config, and its held-out questions as the batch). The report figures printed in
 README's "What you get" must be those of the real quick-start run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,8 +44,8 @@ NOT_HERE = {  # a command prefix -> why a block holding it cannot run on the tes
     "POSTGRES_PASSWORD=": "Docker Compose is not installed on the test machine",
     "python -m pytest": "the test suite itself (this test is part of it)",
     "chromium": "no browser on the test machine",
-    "batchroute --config models.toml calibrate": "needs a labelled replay file of your own",
 }
+CALIBRATE = "batchroute --config models.toml calibrate"
 BACKGROUND = ("celery -A workers worker", "celery -A workers beat")
 
 
@@ -167,6 +170,21 @@ def _table(text: str) -> dict[str, str]:
     return rows
 
 
+def _calibration_files(repo: Path) -> None:
+    """models.toml, train.jsonl and batch.jsonl, as the README's calibration block names
+    them, from the tiny labelled replay file the replay tests use."""
+    from batchroute.replay import load_records, write_records
+
+    data = ROOT / "tests" / "data"
+    records = load_records(data / "replay_tiny.jsonl")
+    shutil.copy(data / "replay_tiny.jsonl", repo / "replay_tiny.jsonl")
+    shutil.copy(data / "replay_tiny.toml", repo / "models.toml")
+    write_records(repo / "train.jsonl", [r for r in records if r.id.startswith("tr-")])
+    (repo / "batch.jsonl").write_text("".join(json.dumps({
+        "custom_id": r.id, "body": {"model": "auto", "messages": r.messages},
+        "batchroute": {"task": r.task}}) + "\n" for r in records if r.id.startswith("te-")))
+
+
 def _flower_up(port: int) -> None:
     deadline = time.monotonic() + 90
     while True:
@@ -196,6 +214,10 @@ def test_every_runnable_readme_block_works_on_a_fresh_machine(machine: Machine) 
         if reason is not None:
             skipped.append((cmds[0], reason))
             continue
+        calibration = cmds[0].startswith(CALIBRATE)
+        if calibration:
+            _calibration_files(machine.repo)
+            del machine.subs["batch.jsonl"]  # the block's own batch.jsonl, made above
         for cmd in cmds:
             # The costs block's BATCH: its run's batch, found by its file name.
             if "BATCH" in cmd and "BATCH" not in machine.subs:
@@ -215,7 +237,11 @@ def test_every_runnable_readme_block_works_on_a_fresh_machine(machine: Machine) 
                 assert "already exists" not in proc.stderr, proc.stderr
             if "celery -A workers flower" in cmd:
                 _flower_up(flower_port)
+            if calibration and " run batch.jsonl" in cmd:
+                assert "answers are replayed" in proc.stderr
+                assert "failed" not in proc.stderr, proc.stderr
             ran += 1
         machine.subs.pop("BATCH", None)
-    assert ran >= 15, (ran, skipped)
-    assert len(skipped) <= 4, skipped
+        machine.subs["batch.jsonl"] = "jobs/examples/small.jsonl"
+    assert ran >= 17, (ran, skipped)
+    assert len(skipped) <= 3, skipped
