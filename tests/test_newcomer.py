@@ -94,16 +94,26 @@ def test_missing_postgres_driver_says_what_to_install(tmp_path: Path) -> None:
     assert "pip install 'batchroute[postgres]'" in _one_line_error(proc)
 
 
+def _one_line(args: list[str], code: int = 1, **env: str) -> str:
+    """The command's error, in process (faster than a subprocess under load): exits with
+    `code`, raised nothing but SystemExit, said one `Error:` line."""
+    res = CliRunner().invoke(main, args, env=env)
+    assert res.exit_code == code and isinstance(res.exception, SystemExit), res.output
+    lines = [x for x in res.stderr.splitlines() if x.startswith("Error: ")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
 def test_unreachable_broker_bad_toml_and_missing_file_are_one_line(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(_line("a") + "\n")
-    down = {"BATCHROUTE_BROKER_URL": "redis://127.0.0.1:1/0"}
-    assert "cannot reach the broker" in _one_line_error(_cli("submit", str(src), env=down))
+    assert "cannot reach the broker" in _one_line(
+        ["submit", str(src)], BATCHROUTE_BROKER_URL="redis://127.0.0.1:1/0")
     bad = tmp_path / "bad.toml"
     bad.write_text("[providers\n")
-    assert "invalid TOML" in _one_line_error(_cli("--config", str(bad), "estimate", str(src)))
-    assert "does not exist" in _one_line_error(_cli("run", str(tmp_path / "no.jsonl"),
-                                                    "-o", str(tmp_path / "o.jsonl")), code=2)
+    assert "invalid TOML" in _one_line(["--config", str(bad), "estimate", str(src)])
+    assert "does not exist" in _one_line(["run", str(tmp_path / "no.jsonl"), "-o",
+                                          str(tmp_path / "o.jsonl")], code=2)
 
 
 def test_explain_knows_only_configuration_and_connection_problems() -> None:
