@@ -239,7 +239,7 @@ def test_every_runnable_readme_block_works_on_a_fresh_machine(machine: Machine) 
                 _flower_up(flower_port)
             if calibration and " run batch.jsonl" in cmd:
                 assert "answers are replayed" in proc.stderr
-                assert "failed" not in proc.stderr, proc.stderr
+                assert "job(s) failed" not in proc.stderr, proc.stderr
             ran += 1
         machine.subs.pop("BATCH", None)
         machine.subs["batch.jsonl"] = "jobs/examples/small.jsonl"
