@@ -8,6 +8,7 @@ progress bars and tables stay readable.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchroute.cli_errors import FriendlyGroup
+from batchroute.cli_outcome import (
+    FAILED_EXIT,
+    exit_code,
+    failed_warning,
+    report_warnings,
+    simulated_note,
+)
 from batchroute.cli_recovery import cancel, recover, resume
 from batchroute.cli_recovery import find_batch_or_fail as _batch
 from batchroute.config import Config, ConfigError, load_config
@@ -55,14 +64,17 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="BATCHROUTE_CONFIG", type=click.Path(),
               help="Routing config TOML (default: $BATCHROUTE_CONFIG, else the built-in "
                    "simulator config).")
 @click.option("-v", "--verbose", is_flag=True, help="Show INFO logs on stderr.")
+@click.option("--debug", is_flag=True, envvar="BATCHROUTE_DEBUG",
+              help="Show the full traceback of configuration and connection errors "
+                   "(default: one line saying what to do; also BATCHROUTE_DEBUG=1).")
 @click.version_option(package_name="batchroute")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool) -> None:
     """Run large batches of LLM requests on the cheapest model tier that gives acceptable
     answers.
 
@@ -76,7 +88,11 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
       batchroute results BATCH -o out.jsonl --errors errors.jsonl
       batchroute report BATCH
     """
-    configure_logging(level="INFO" if verbose else "WARNING")
+    # Every condition a command meets is in its own output (bad lines, republished
+    # messages, budget stops), so its log lines would only repeat them: the CLI logs
+    # errors only, always to stderr, unless -v or BATCHROUTE_LOG_LEVEL asks for more.
+    configure_logging(level="INFO" if verbose else os.environ.get("BATCHROUTE_LOG_LEVEL")
+                      or "ERROR")
     ctx.obj = Ctx(config_path)
 
 
@@ -94,10 +110,14 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
               help="Refuse the whole file on its first bad line (nothing is run).")
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
-                   "(run again with a higher budget to finish them).")
+                   "(run again with a higher --budget-usd to finish them).")
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
-        concurrency: int, as_json: bool, strict: bool, budget_usd: float | None) -> None:
+        concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
+        fail_on_failed: bool) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
     from batchroute.ingest import BatchInputError
@@ -131,6 +151,11 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         console.print(f"results: {output} ({outcome.written.written} lines)"
                       + (f", errors: {errors or output} ({outcome.written.errors} lines)"
                          if outcome.written.errors else ""))
+    for line in [simulated_note(obj.config), *report_warnings(outcome.report,
+                                                             str(errors or output))]:
+        if line:
+            console.print(f"[yellow]{line}[/yellow]", highlight=False)
+    sys.exit(exit_code(int(outcome.report.get("failed") or 0), fail_on_failed))
 
 
 def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
@@ -149,7 +174,7 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
               help="Refuse the whole file on its first bad line (nothing is stored).")
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
-                   "(resume with a higher budget to finish them).")
+                   "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
            budget_usd: float | None) -> None:
@@ -163,6 +188,7 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
     from batchroute.ingest import BatchInputError, count_lines, file_batch_id, ingest_file
 
     store = Store()
+    existing = store.find_batch(file_batch_id(file))
     try:
         with _progress() as progress:
             bar = progress.add_task("submitting", total=count_lines(file), detail="")
@@ -178,59 +204,118 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             "finishes the submission once the broker is back") from None
     if result.problem_count and not as_json:
         _show_problems(result.problems, result.problem_count)
+    already = _already_submitted(store, existing, result.batch_id, result.enqueued)
     if as_json:
         _print_json({"batch_id": result.batch_id, "lines": result.lines, "jobs": result.jobs,
                      "enqueued": result.enqueued, "bad_lines": result.problem_count,
+                     "already_existed": existing is not None, "note": already,
                      "problems": [{"line": n, "reason": r} for n, r in result.problems]})
     else:
-        console.print(f"{result.jobs} jobs stored, {result.enqueued} enqueued")
+        if already:
+            console.print(f"[yellow]{already}[/yellow]", highlight=False)
+        else:
+            console.print(f"{result.jobs} jobs stored, {result.enqueued} enqueued")
         click.echo(result.batch_id)
 
 
+def _already_submitted(store: Store, existing: Batch | None, batch_id: str,
+                       enqueued: int) -> str | None:
+    """What to say when a submit stored and enqueued nothing because this file's batch was
+    already in the database (the quick start's `run` wrote it, or an earlier submit)."""
+    if existing is None or enqueued:
+        return None
+    from batchroute.batch_status import status_data
+
+    data = status_data(store, existing)
+    return (f"0 enqueued: batch {batch_id} already exists in {store.engine.url!r} "
+            f"({data['state']}, {data['done']}/{data['jobs']} jobs ended; from "
+            f"{existing.source or existing.name}): nothing was stored. Its results: "
+            f"`batchroute results {batch_id} -o out.jsonl`; to run the file again, use a new "
+            "database (BATCHROUTE_DATABASE_URL) or `batchroute resume` to finish it")
+
+
 def _status_data(store: Store, batch: Batch) -> dict[str, Any]:
-    counts = store.state_counts(batch.id)
-    total = sum(counts.values())
-    return {"batch_id": batch.id, "name": batch.name, "state": batch.state, "jobs": total,
-            "counts": counts, "done": sum(counts.get(s, 0) for s in FINISHED),
-            "bad_lines": [{"line": e.line_no, "custom_id": e.custom_id, "reason": e.reason}
-                          for e in store.line_errors(batch.id)[:100]]}
+    from batchroute.batch_status import status_data
+
+    return status_data(store, batch)
+
+
+def _stalls(obj: Ctx, store: Store, batch: Batch) -> dict[str, Any]:
+    """Stalled jobs of the batch and what to run (see batchroute.batch_status)."""
+    from batchroute.batch_status import find_stalls
+    from batchroute.cli_recovery import _broker
+
+    try:
+        queues = [p.queue for p in obj.config.providers.values()]
+    except click.ClickException:  # an unreadable config must not hide the batch
+        queues = []
+    return find_stalls(store, queues, _broker(), batch.id).as_dict(batch.id)
 
 
 @main.command()
 @click.argument("batch")
 @click.option("--watch", is_flag=True, help="Follow progress until the batch is done.")
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
 @click.pass_obj
-def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
+def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: bool) -> None:
     """Show how far BATCH has got, and each rate-limit pool's use against its limits."""
     store = Store()
     b = _batch(store, batch)
     data = _status_data(store, b)
+    stalls = _stalls(obj, store, b) if data["done"] < data["jobs"] else None
     if watch and not as_json:
+        shown: str | None = None
+        checked = time.monotonic()
         with _progress() as progress:
             bar = progress.add_task(f"batch {for_rich(b.id)}", total=data["jobs"], detail="")
             while True:
                 data = _status_data(store, b)
                 c = data["counts"]
-                progress.update(bar, completed=data["done"],
-                                detail=f"ok {c.get('succeeded', 0)} failed {c.get('failed', 0)}")
+                if time.monotonic() - checked >= 10 and data["done"] < data["jobs"]:
+                    stalls, checked = _stalls(obj, store, b), time.monotonic()
+                n_stalled = stalls["count"] if stalls else 0
+                progress.update(bar, completed=data["done"], total=data["jobs"],
+                                detail=f"ok {c.get('succeeded', 0)} failed {c.get('failed', 0)}"
+                                + (f" [red]stalled {n_stalled}[/red]" if n_stalled else ""))
+                if stalls and stalls["advice"] and stalls["advice"] != shown:
+                    shown = stalls["advice"]
+                    progress.console.print(f"[yellow]{shown}[/yellow]", highlight=False)
                 if data["done"] >= data["jobs"]:
                     break
                 time.sleep(0.5)
+        stalls = None if data["done"] >= data["jobs"] else stalls
+    data["stalled"] = stalls or {"count": 0, "advice": None}
     data["pools"], pools_problem = _pools(obj)
     if pools_problem:
         data["pools_error"] = pools_problem
+    failed = data["counts"].get("failed", 0)
     if as_json:
         _print_json(data)
-        return
+        sys.exit(exit_code(failed, fail_on_failed))
     table = Table(title=f"batch {for_rich(b.id)} ({for_rich(b.name)})")
     table.add_column("state")
     table.add_column("jobs", justify="right")
+    table.add_row(f"[bold]batch: {data['state']}[/bold]", "")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
     table.add_row("bad lines", str(b.error_lines))
+    if data["stalled"]["count"]:
+        table.add_row("[red]stalled[/red]", str(data["stalled"]["count"]))
     out.print(table)
+    if data["stalled"]["advice"]:
+        console.print(f"[yellow]{data['stalled']['advice']}[/yellow]", highlight=False)
+    elif data["stalled"].get("broker_unreadable"):
+        console.print("[yellow]the broker could not be inspected: queued jobs whose message "
+                      "was lost cannot be told apart (is Redis running at "
+                      "$BATCHROUTE_BROKER_URL?)[/yellow]", highlight=False)
+    warning = failed_warning(failed, data["jobs"], b.id, None)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
     _show_pools(data["pools"], pools_problem)
+    sys.exit(exit_code(failed, fail_on_failed))
 
 
 def _pools(obj: Ctx) -> tuple[list[dict[str, Any]], str | None]:
@@ -269,7 +354,10 @@ def _show_pools(pools: list[dict[str, Any]], problem: str | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--errors", type=click.Path(dir_okay=False, path_type=Path),
               help="Write failed jobs and bad lines here instead of into --output.")
-def results(batch: str, output: Path, errors: Path | None) -> None:
+@click.option("--fail-on-failed", is_flag=True,
+              help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
+                   "either way).")
+def results(batch: str, output: Path, errors: Path | None, fail_on_failed: bool) -> None:
     """Write BATCH's results (OpenAI batch output format plus a `batchroute` field)."""
     from batchroute.results import write_results
 
@@ -279,6 +367,11 @@ def results(batch: str, output: Path, errors: Path | None) -> None:
     console.print(f"{summary.written} results to {output}, {summary.errors} errors to "
                   f"{errors or output}" + (f"; {summary.unfinished} jobs not finished yet"
                                            if summary.unfinished else ""))
+    failed = store.state_counts(b.id).get("failed", 0)
+    warning = failed_warning(failed, summary.written + failed, b.id, str(errors or output))
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
+    sys.exit(exit_code(failed, fail_on_failed))
 
 
 @main.command()

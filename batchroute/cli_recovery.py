@@ -79,9 +79,13 @@ def cancel(batch: str, as_json: bool) -> None:
 @click.option("--reclaim-running", is_flag=True,
               help="Treat the batch's running jobs as dead now instead of when their lease "
                    "ends. Only when no worker is running them.")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
+              help="The batch's new budget: jobs that ended budget_exhausted run again "
+                   "under it.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 @click.pass_obj
-def resume(obj: Any, batch: str, reclaim_running: bool, as_json: bool) -> None:
+def resume(obj: Any, batch: str, reclaim_running: bool, budget_usd: float | None,
+           as_json: bool) -> None:
     """Finish BATCH after an interruption (cancel, killed workers, broker restart, a submit
     cut short); finished jobs are never run again."""
     from kombu.exceptions import OperationalError
@@ -92,13 +96,27 @@ def resume(obj: Any, batch: str, reclaim_running: bool, as_json: bool) -> None:
     b = find_batch_or_fail(store, batch)
     try:
         data = resume_batch(store, obj.config, _dispatcher(), b, broker=_broker(),
-                            reclaim_running=reclaim_running)
+                            reclaim_running=reclaim_running, budget_usd=budget_usd)
     except (OSError, OperationalError) as e:
         raise _broker_error(e) from None
-    _emit(data, as_json,
-          f"batch {b.id}: {data['ingested']} line(s) ingested, {data['reopened']} cancelled "
-          f"job(s) reopened, {data['dead_requeued']} dead run(s) requeued, "
-          f"{data['republished']} job(s) published ({data['held_by_broker']} already queued)")
+    _emit(data, as_json, resume_text(data))
+
+
+def resume_text(data: dict[str, Any]) -> str:
+    """What `resume` did, in words: jobs stopped by the budget are told apart from jobs the
+    user cancelled, with the budget they now run under."""
+    parts = [f"{data['ingested']} line(s) ingested"]
+    if data.get("reopened_cancelled", data["reopened"]) or not data.get("reopened_budget"):
+        parts.append(f"{data.get('reopened_cancelled', data['reopened'])} cancelled job(s) "
+                     "reopened")
+    if data.get("reopened_budget"):
+        budget = data.get("budget_usd")
+        parts.append(f"{data['reopened_budget']} job(s) cancelled by the budget reopened "
+                     + (f"with budget ${budget:g}" if budget is not None else "with no budget"))
+    parts.append(f"{data['dead_requeued']} dead run(s) requeued")
+    parts.append(f"{data['republished']} job(s) published ({data['held_by_broker']} already "
+                 "queued)")
+    return f"batch {data['batch_id']}: " + ", ".join(parts)
 
 
 @click.command()

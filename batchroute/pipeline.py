@@ -196,7 +196,8 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
               cost_usd=attempt.cost_usd, latency_ms=round(attempt.latency_ms, 1),
               reason=attempt.reason or None)
     # The Attempt row is written by the transition that moves the job on, in its transaction.
-    return _apply(rt, writes, job, model, attempt, decision, completion, verdicts)
+    return _apply(rt, writes, job, model, attempt, decision, completion, verdicts,
+                  error.response if error is not None else None)
 
 
 def _available(rt: Runtime, tier: int, pin: str | None, exclude: set[str]) -> ModelConfig | None:
@@ -318,7 +319,8 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
 
 
 def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: Attempt,
-           decision: Decision, completion: Completion | None, verdicts: list[Any]) -> str:
+           decision: Decision, completion: Completion | None, verdicts: list[Any],
+           provider_response: dict[str, Any] | None = None) -> str:
     """Carry out the policy's decision: exactly one guarded transition, which also records
     the attempt, then (for a retry, failover or escalation) the next message."""
     verdict_rows = [{"validator": v.validator, "ok": v.ok, "reason": v.reason, "score": v.score}
@@ -331,7 +333,8 @@ def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: A
         return "succeeded"
     if decision.action is Action.FAIL:
         return _finish_failed(rt, writes, job, decision.error_code or "failed", decision.reason,
-                              verdict_rows, attempt, model=model.name, provider=model.provider)
+                              verdict_rows, attempt, model=model.name, provider=model.provider,
+                              provider_response=provider_response)
 
     options = dict(job.options)
     tier_index, escalations = job.tier_index, list(job.escalations)
@@ -374,9 +377,12 @@ def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: A
 
 def _finish_failed(rt: Runtime, writes: Writes, job: Job, code: str, message: str,
                    verdicts: list[dict[str, Any]] | None = None, attempt: Attempt | None = None,
-                   **values: Any) -> str:
+                   provider_response: dict[str, Any] | None = None, **values: Any) -> str:
     # Without verdicts of its own (nothing was called), the job keeps those of its last attempt.
-    writes.finish(job, attempt, state=FAILED, error={"code": code, "message": message},
+    error: dict[str, Any] = {"code": code, "message": message}
+    if provider_response is not None:  # the provider's HTTP answer, for the output line
+        error["provider_response"] = provider_response
+    writes.finish(job, attempt, state=FAILED, error=error,
                   verdicts=job.verdicts if verdicts is None else verdicts, **values)
     log.info("job_failed", batch_id=job.batch_id, job_id=job.id, code=code, reason=message)
     return "failed"

@@ -300,7 +300,7 @@ def cancel_batch(store: Store, batch_id: str, now: datetime | None = None) -> di
 
 def resume_batch(store: Store, config: Config, dispatcher: Dispatcher, batch: Batch, *,
                  broker: BrokerView | None = None, reclaim_running: bool = False,
-                 now: datetime | None = None) -> dict[str, Any]:
+                 now: datetime | None = None, budget_usd: float | None = None) -> dict[str, Any]:
     """Finish an interrupted batch without running a finished job again.
 
     Completes an ingestion that stopped half-way (from the batch's source file, if it is
@@ -323,8 +323,17 @@ def resume_batch(store: Store, config: Config, dispatcher: Dispatcher, batch: Ba
         else:
             notes.append(f"ingestion was interrupted and {batch.source!r} is gone or changed: "
                          "lines not yet stored cannot be recovered; submit the file again")
-    reopened = store.reopen_cancelled(batch.id, now)
-    reopened += store.reopen_budget_exhausted(batch.id, now)
+    if budget_usd is not None:  # raised (or lowered) before any job is reopened
+        store.update_batch(batch.id, budget_usd=budget_usd)
+    reopened_cancelled = store.reopen_cancelled(batch.id, now)
+    reopened_budget = store.reopen_budget_exhausted(batch.id, now)
+    reopened = reopened_cancelled + reopened_budget
+    budget = budget_usd if budget_usd is not None else (
+        batch.budget_usd if batch.budget_usd is not None else config.budget.batch_usd)
+    if reopened_budget and budget_usd is None and budget is not None:
+        notes.append(f"{reopened_budget} job(s) stopped by the budget were reopened under the "
+                     f"same budget ${budget:g}: they stop again once it is spent; raise it "
+                     "with `batchroute resume BATCH --budget-usd N`")
     report = sweep(store, config, dispatcher, batch_id=batch.id, broker=broker,
                    republish_all=True, reclaim_running=reclaim_running, now=now)
     leased = len(store.running_jobs(batch.id))
@@ -335,7 +344,8 @@ def resume_batch(store: Store, config: Config, dispatcher: Dispatcher, batch: Ba
     store.update_batch(batch.id, state="running")
     blog.info("batch_resumed", ingested=ingested, reopened=reopened, **report.as_dict())
     return {"batch_id": batch.id, "ingested": ingested, "reopened": reopened,
-            "still_running": leased, **report.as_dict(), "notes": notes}
+            "reopened_cancelled": reopened_cancelled, "reopened_budget": reopened_budget,
+            "budget_usd": budget, "still_running": leased, **report.as_dict(), "notes": notes}
 
 
 def reclaim_for_local_run(store: Store, config: Config, batch_id: str) -> SweepReport:

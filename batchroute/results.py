@@ -44,20 +44,26 @@ def atomic_writer(path: Path) -> Iterator[IO[str]]:
         raise
 
 
-def output_line(job: Job, n_attempts: int, cost: float) -> dict[str, Any]:
+def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") -> dict[str, Any]:
+    """One line of OpenAI's batch output format. ``response.request_id`` is the provider's
+    request id of the final call (its ``x-request-id``), as in OpenAI's own output; a job
+    that failed on a provider's HTTP error gets the provider's status code and error body
+    in ``response``, next to batchroute's own ``error.code``."""
     meta = {"task": job.task, "tier": job.tier, "provider": job.provider, "model": job.model,
             "attempts": n_attempts, "cost_usd": round(cost, 8), "escalations": job.escalations,
             "validators": job.verdicts, "reference_model": job.reference_model}
     line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
     if job.state == SUCCEEDED and job.result is not None:
         line["response"] = {"status_code": 200,
-                            "request_id": str(job.result.get("id", "")), "body": job.result}
+                            "request_id": request_id or str(job.result.get("id", "")),
+                            "body": job.result}
         line["error"] = None
     else:
-        line["response"] = None
         # Redacted again on the way out: an error stored before keys were redacted.
-        line["error"] = redact_obj(job.error) or {"code": job.state,
-                                                  "message": f"job is {job.state}"}
+        error = dict(redact_obj(job.error) or {"code": job.state,
+                                               "message": f"job is {job.state}"})
+        line["response"] = error.pop("provider_response", None)
+        line["error"] = error
     line["batchroute"] = meta
     return line
 
@@ -66,9 +72,12 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
                   ) -> WriteSummary:
     """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None)."""
     per_job: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    request_ids: dict[str, str] = {}  # the last call's: the one whose answer is the result
     for a in store.attempts(batch_id):
         per_job[a.job_id][0] += 1
         per_job[a.job_id][1] += a.cost_usd
+        if a.request_id:
+            request_ids[a.job_id] = a.request_id
     summary = WriteSummary()
     with ExitStack() as stack:
         fout = stack.enter_context(atomic_writer(out))
@@ -78,7 +87,7 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
                 summary.unfinished += 1
                 continue
             n, cost = per_job.get(job.id, (0, 0.0))
-            line = output_line(job, int(n), cost)
+            line = output_line(job, int(n), cost, request_ids.get(job.id, ""))
             target = fout if job.state == SUCCEEDED else ferr
             target.write(json.dumps(line, ensure_ascii=False) + "\n")
             summary.written += job.state == SUCCEEDED

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError
+from batchroute.providers.base import ErrorKind, ProviderError, http_error
 from batchroute.providers.errors import reply_error
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
@@ -70,7 +70,7 @@ class AnthropicAdapter:
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
         error = reply_error(response.status_code, response.headers, response.content)
         if error is not None:  # any status >= 400, or a gateway's error object in a 200
-            raise error
+            raise http_error(error, response)
         try:
             data = response.json()
             content = "".join(block.get("text", "") for block in data["content"]

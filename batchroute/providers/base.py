@@ -13,12 +13,12 @@ from typing import Any, Protocol
 import httpx
 
 from batchroute.completion import Completion
-from batchroute.secrets import redact
 
 # Retry-After parsing lives in its own module; these names stay importable from here
 # (ratelimit.py reads the reset durations through `_duration`).
 from batchroute.providers.retry_after import parse_duration as _duration  # noqa: F401
 from batchroute.providers.retry_after import parse_retry_after  # noqa: F401
+from batchroute.secrets import redact, redact_obj
 
 
 class ErrorKind(StrEnum):
@@ -42,6 +42,9 @@ class ProviderError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        # The provider's HTTP answer when it sent one (status_code, request_id, body), so a
+        # failed job's output line can give people what the provider said (OpenAI's format).
+        self.response: dict[str, Any] | None = None
 
 
 class Adapter(Protocol):
@@ -49,6 +52,27 @@ class Adapter(Protocol):
                       api_model: str, body: dict[str, Any]) -> httpx.Request: ...
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion: ...
+
+
+_MAX_ERROR_BODY = 8192
+
+
+def http_error(error: ProviderError, response: httpx.Response) -> ProviderError:
+    """Attach the provider's HTTP answer to ``error``: its status code, its request id
+    (``x-request-id``, Anthropic's ``request-id``) and its body (JSON when it is JSON, else
+    the first 8 KiB of text), the way OpenAI's batch output reports a failed request."""
+    body: Any
+    try:
+        body = response.json() if len(response.content) <= _MAX_ERROR_BODY else None
+    except (ValueError, RecursionError):  # not JSON, or nested deep enough to blow the stack
+        body = None
+    if body is None:
+        body = response.text[:_MAX_ERROR_BODY]
+    error.response = {"status_code": response.status_code,
+                      "request_id": response.headers.get("x-request-id")
+                      or response.headers.get("request-id") or "",
+                      "body": redact_obj(body)}  # some providers echo the key back
+    return error
 
 
 def error_from_status(status: int, message: str, code: str = "",

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError
+from batchroute.providers.base import ErrorKind, ProviderError, http_error
 from batchroute.providers.errors import reply_error
 
 # Keys of the job body forwarded to the provider; anything else (our own fields,
@@ -31,7 +31,7 @@ class OpenAIAdapter:
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
         error = reply_error(response.status_code, response.headers, response.content)
         if error is not None:  # any status >= 400, or a gateway's error object in a 200
-            raise error
+            raise http_error(error, response)
         try:
             data = response.json()
             choice = data["choices"][0]

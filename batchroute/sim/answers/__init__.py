@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("json", "choices", "summary", "code", "text")
+from batchroute.sim.answers import natural
+
+KINDS = ("json", "choices", "summary", "code", "list", "text")
 
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:['-][A-Za-z0-9]+)*")
 _CHOICES_HEAD_RE = re.compile(r"answer with (?:exactly )?one of:?", re.I)
@@ -96,6 +98,17 @@ def infer_kind(prompt: str, system: str, response_format: Any) -> str:
     lower = text.lower()
     if "python" in lower and any(w in lower for w in ("function", "code", "script")):
         return "code"
+    # The example files' phrasings are above, unchanged; below, how people ask in words.
+    if natural.asks_for_json(text):
+        return "json"
+    if natural.asks_for_code(text):
+        return "code"
+    if natural.labels(text):
+        return "choices"
+    if natural.summary_limit(text) is not None:
+        return "summary"
+    if natural.list_count(text) is not None:
+        return "list"
     return "text"
 
 
@@ -112,7 +125,9 @@ def generate_answer(model: str, messages: list[dict[str, str]], response_format:
     prompt, system = prompt_of(messages)
     kind = infer_kind(prompt, system, response_format)
     bad = rng.random() < (fail_rates or {}).get(kind, fail_rate)
-    if kind == "json":
+    if kind == "json" and not isinstance(response_format, dict):
+        content, variant = natural.json_answer(rng, bad, prompt)
+    elif kind == "json":
         content, variant = _json_answer(rng, bad, prompt, response_format)
     elif kind == "choices":
         content, variant = _choices_answer(rng, bad, f"{system}\n{prompt}")
@@ -120,6 +135,8 @@ def generate_answer(model: str, messages: list[dict[str, str]], response_format:
         content, variant = _summary_answer(rng, bad, prompt, system)
     elif kind == "code":
         content, variant = _code_answer(rng, bad, prompt)
+    elif kind == "list":
+        content, variant = natural.list_answer(rng, bad, prompt, _keywords(prompt))
     else:
         content, variant = ("", "empty") if bad else (_sentence(rng, prompt), "good")
     return Answer(content=content, kind=kind, bad=bad, variant=variant, seed=seed)
@@ -195,7 +212,7 @@ def _choice_labels(text: str) -> list[str]:
 
 
 def _choices_answer(rng: random.Random, bad: bool, text: str) -> tuple[str, str]:
-    labels = _choice_labels(text)
+    labels = _choice_labels(text) or natural.labels(text)
     if not bad:
         expected = _EXPECTED_RE.search(text)
         if expected:
@@ -231,7 +248,16 @@ def _summary_source(prompt: str, system: str) -> str:
 def _summary_answer(rng: random.Random, bad: bool, prompt: str,
                     system: str) -> tuple[str, str]:
     m = _SUMMARY_RE.search(f"{system}\n{prompt}")
-    limit = max(1, int(m.group(1))) if m else 30
+    if m is None:  # asked in words: "Summarize in one sentence", "TL;DR", "in 20 words"
+        limit = natural.summary_limit(f"{system}\n{prompt}") or 30
+        head, sep, rest = prompt.strip().partition("\n")
+        if not sep:
+            head, sep, rest = prompt.partition(":")
+        body = rest if sep and _words(rest) else prompt
+        source_words = [_words(s) for s in _SENTENCE_SPLIT_RE.split(body)
+                        if not natural.is_instruction(s)]
+        return natural.one_sentence_answer(rng, bad, [w for w in source_words if w], limit)
+    limit = max(1, int(m.group(1)))
     source = _summary_source(prompt, system)
     sentences = [_words(s) for s in _SENTENCE_SPLIT_RE.split(source)]
     sentences = [s for s in sentences if s] or [_words(prompt) or ["Summary"]]
