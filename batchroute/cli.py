@@ -192,7 +192,8 @@ def _status_data(store: Store, batch: Batch) -> dict[str, Any]:
     return {"batch_id": batch.id, "name": batch.name, "state": batch.state, "jobs": total,
             "counts": counts, "done": sum(counts.get(s, 0) for s in FINISHED),
             "bad_lines": [{"line": e.line_no, "custom_id": e.custom_id, "reason": e.reason}
-                          for e in store.line_errors(batch.id)[:100]]}
+                          for e in store.line_errors(batch.id, limit=100)],
+            "bad_line_count": store.count_line_errors(batch.id)}
 
 
 @main.command()
@@ -227,7 +228,7 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool) -> None:
     table.add_column("jobs", justify="right")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
-    table.add_row("bad lines", str(b.error_lines))
+    table.add_row("bad lines", str(data["bad_line_count"]))
     out.print(table)
     _show_pools(data["pools"], pools_problem)
 

@@ -17,8 +17,17 @@ from batchroute.validators import (
     validate_specs,
     validators_for_response_format,
 )
+from batchroute.validators.safety import (
+    MAX_LINE_DEPTH,
+    text_may_be_deep,
+    tools_problem,
+    value_problem,
+)
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/chat/completions")
+#: Longest custom_id taken: it is a key in the store, the results and every log line,
+#: and one of megabytes used to abort a PostgreSQL submit (index row too large).
+MAX_CUSTOM_ID = 512
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -76,6 +85,14 @@ def _decode(raw: bytes | str, line_no: int) -> Any:
         raise LineProblem("invalid JSON: nested too deeply") from None
     except ValueError as e:  # NaN/Infinity, integers beyond Python's digit limit
         raise LineProblem(f"invalid JSON: {str(e)[:200]}") from None
+    # Nesting the parser survives can still blow the recursion limit of whatever walks the
+    # line next (json.dumps, jsonschema, the store), and PostgreSQL refuses NUL characters:
+    # both are this line's error, checked without recursion (and only when they can occur).
+    if text_may_be_deep(text) or "\\u0000" in text:
+        problem = value_problem(obj, MAX_LINE_DEPTH)
+        if problem is not None:
+            what = "invalid JSON" if problem.startswith("nested") else "invalid text"
+            raise LineProblem(f"{what}: {problem}") from None
     try:  # what the provider call will do with the body: fail here, not on a worker
         json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -119,6 +136,9 @@ def parse_line(raw: bytes | str, line_no: int, config: Config) -> JobSpec:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
         raise LineProblem("custom_id: required, a non-empty string")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        raise LineProblem(f"custom_id: {len(custom_id)} characters long, at most "
+                          f"{MAX_CUSTOM_ID} allowed")
     try:
         return _parse_obj(obj, custom_id, config)
     except LineProblem as e:
@@ -140,6 +160,9 @@ def _parse_obj(obj: dict[str, Any], custom_id: str, config: Config) -> JobSpec:
     model = body.get("model", "auto")
     if not isinstance(model, str):
         raise LineProblem(f"body.model: must be a string, got {model!r}")
+    problem = tools_problem(body.get("tools"))
+    if problem is not None:
+        raise LineProblem(f"body.tools: the parameters schema {problem}")
     for key in ("max_tokens", "max_completion_tokens"):
         if key in body and (not isinstance(body[key], int) or isinstance(body[key], bool)
                             or body[key] < 1):

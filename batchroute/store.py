@@ -603,10 +603,33 @@ class Store:
             yield from rows
             last = rows[-1].line_no
 
-    def line_errors(self, batch_id: str) -> list[LineError]:
+    def line_errors(self, batch_id: str, limit: int | None = None) -> list[LineError]:
+        """A batch's bad lines in line order; pass `limit` (a file may have a million of
+        them), or use iter_line_errors / count_line_errors."""
         with self.session() as s:
-            return list(s.exec(select(LineError).where(LineError.batch_id == batch_id)
-                               .order_by(LineError.line_no)).all())  # type: ignore[arg-type]
+            q = (select(LineError).where(LineError.batch_id == batch_id)
+                 .order_by(LineError.line_no))  # type: ignore[arg-type]
+            return list(s.exec(q if limit is None else q.limit(limit)).all())
+
+    def iter_line_errors(self, batch_id: str, page: int = 5000) -> Iterator[LineError]:
+        """Bad lines in line order, `page` rows per query (keyset on the unique
+        (batch_id, line_no)), so `results` never holds them all."""
+        last = -1
+        while True:
+            with self.session() as s:
+                rows = s.exec(select(LineError).where(LineError.batch_id == batch_id,
+                                                      LineError.line_no > last)
+                              .order_by(LineError.line_no)  # type: ignore[arg-type]
+                              .limit(page)).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].line_no
+
+    def count_line_errors(self, batch_id: str) -> int:
+        with self.session() as s:
+            return int(s.exec(select(func.count()).select_from(LineError)
+                              .where(LineError.batch_id == batch_id)).one())
 
     def attempts(self, batch_id: str) -> list[Attempt]:
         with self.session() as s:
