@@ -94,9 +94,10 @@ def compile_pattern(pattern: str, flags: str = "", *, case_sensitive: bool = Tru
         if isinstance(why, bytes):
             why = why.decode("utf-8", "replace")
         hint = ""
-        if "invalid escape sequence: \\" in str(why) or "invalid perl operator: (?" in str(why):
-            hint = (" (backreferences and lookaround are not supported: patterns run on "
-                    "RE2, a linear-time engine)")
+        if any(m in str(why) for m in ("invalid escape", "invalid perl operator",
+                                       "bad repetition operator")):
+            hint = (" (patterns run on RE2, a linear-time engine: no backreferences, "
+                    "lookaround, atomic groups or possessive quantifiers; \\Z is \\z)")
         raise PatternError(f"is not a valid regular expression: {why}{hint}") from None
     return _PatternView(compiled, pattern)
 
