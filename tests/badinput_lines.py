@@ -80,7 +80,7 @@ def nul(raw: bytes) -> bytes:
     return raw.replace(b"NUL-HERE", b"\\u0000")
 
 
-RE2_HINT = "patterns run on RE2"
+RE2_HINT = "(RE2, linear-time: no backreferences or lookaround)"
 NOT_LOCAL = "is not a local reference"
 TOO_DEEP = "nested deeper than"
 NUL = "a NUL character (\\u0000)"

@@ -243,3 +243,23 @@ def test_results_and_run_with_errors_naming_the_output_file_keep_both(
     assert res.exit_code == 0, res.output
     kinds = [json.loads(x)["error"] is None for x in Path("a.jsonl").read_text().splitlines()]
     assert sorted(kinds) == [False, False, True, True]
+
+
+def test_run_prints_the_first_20_bad_lines_once_and_a_count(tmp_path: Path) -> None:
+    """A file of bad lines used to print every one twice (a warning log line and the
+    summary); now the summary shows 20 and counts the rest, and nothing else repeats."""
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b"\n".join([good(0)] + [b'{"custom_id": "t%d", "body": ' % i
+                                             for i in range(2000)]) + b"\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHROUTE_LOG_FORMAT": "console",
+           "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "batchroute.cli", "run", str(src), "-o",
+                          str(tmp_path / "o.jsonl")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    for n in (2, 21):
+        assert text.count(f"line {n}: invalid JSON") == 1, text[-3000:]
+    assert "line 22: invalid JSON" not in text and "line 2001" not in text
+    assert "2000 line(s) rejected" in text and "... and 1980 more" in text
+    assert len(text.splitlines()) < 100

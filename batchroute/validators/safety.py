@@ -96,8 +96,7 @@ def compile_pattern(pattern: str, flags: str = "", *, case_sensitive: bool = Tru
         hint = ""
         if any(m in str(why) for m in ("invalid escape", "invalid perl operator",
                                        "bad repetition operator")):
-            hint = (" (patterns run on RE2, a linear-time engine: no backreferences, "
-                    "lookaround, atomic groups or possessive quantifiers; \\Z is \\z)")
+            hint = " (RE2, linear-time: no backreferences or lookaround)"
         raise PatternError(f"is not a valid regular expression: {why}{hint}") from None
     return _PatternView(compiled, pattern)
 
