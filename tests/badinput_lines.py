@@ -176,6 +176,14 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("nul-in-tool-name", nul(tool({"type": "object"}, cid="z10", name="fNUL-HERE")), NUL),
     ("nul-in-regex", nul(regex("aNUL-HERE", cid="z11")), NUL),
     ("nul-only-custom-id", nul(line("NUL-HERE")), NUL),
+    # ---- over 1 MB, the unsendable values are found by a walk instead of a re-serialisation
+    ("lone-surrogate-in-1mb-line", line("u1", body("SURR-HERE x", pad="p" * (1 << 20)))
+     .replace(b"SURR-HERE", b"\\ud800"), "lone surrogate"),
+    ("surrogate-key-in-1mb-line", line("u2", body("x", pad="p" * (1 << 20), k={"SURR-HERE": 1}))
+     .replace(b"SURR-HERE", b"\\udfff"), "lone surrogate"),
+    ("infinite-number-in-1mb-line", line("u3", body("x", pad="p" * (1 << 20),
+                                                    temperature="INF-HERE"))
+     .replace(b'"INF-HERE"', b"1e999"), "a number is out of range"),
     # ---- custom_id: a key everywhere, bounded
     ("custom-id-513-chars", line("c" * 513), "custom_id: 513 characters long, at most 512"),
     ("custom-id-100k-chars", line("c" * 100_000), "at most 512 allowed"),

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 from typing import Any
 
 import jsonschema
@@ -155,6 +157,31 @@ def value_problem(value: Any, max_depth: int = MAX_LINE_DEPTH) -> str | None:
                     return f"a NUL character (\\u0000) at {path}[{i}]"
         elif isinstance(node, str) and "\x00" in node:
             return f"a NUL character (\\u0000) at {path}"
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unsendable(value: Any) -> str | None:
+    """What json.dumps(allow_nan=False).encode() would refuse in a parsed line: a lone
+    surrogate or a non-finite number ("surrogate"/"number"), else None. Iterative and
+    copy-free, for lines too large to serialise a second time just to check them."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if _SURROGATE.search(key):
+                    return "surrogate"
+                stack.append(child)
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            if _SURROGATE.search(node):
+                return "surrogate"
+        elif isinstance(node, float) and not math.isfinite(node):
+            return "number"
     return None
 
 
