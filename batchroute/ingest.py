@@ -41,6 +41,7 @@ LOGGED_BAD_LINES = 20
 KEPT_PROBLEMS = 1000  # (line_no, reason) kept in memory for the caller to print
 MAX_REASON = 1000  # characters of a bad line's reason stored (reasons quote user values)
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller files parse in-process
+HUGE_LINES_PER_MB = 16  # fewer lines than this in the first MB: parse in-process
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 
 
@@ -326,11 +327,19 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
 def ingest_workers(path: Path) -> int:
     """Parser processes for a file: BATCHROUTE_INGEST_WORKERS if set (0: parse in-process),
     else none below PARALLEL_MIN_BYTES (forking costs more than it saves on a small file)
-    and one per CPU, at most 4, above it."""
+    or when the first megabyte holds fewer than HUGE_LINES_PER_MB lines (memory), and one
+    per CPU, at most 4, otherwise."""
     env = os.environ.get("BATCHROUTE_INGEST_WORKERS")
     if env:
         return max(0, int(env))
-    return default_workers() if path.stat().st_size >= PARALLEL_MIN_BYTES else 0
+    if path.stat().st_size < PARALLEL_MIN_BYTES:
+        return 0
+    with path.open("rb") as f:
+        if f.read(1 << 20).count(b"\n") < HUGE_LINES_PER_MB:
+            # Lines of megabytes: each parser process would hold several of them (and its
+            # copy of this process's heap) at once; ~+120 MB for lines near the cap.
+            return 0
+    return default_workers()
 
 
 def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, path: Path,

@@ -263,3 +263,18 @@ def test_run_prints_the_first_20_bad_lines_once_and_a_count(tmp_path: Path) -> N
     assert "line 22: invalid JSON" not in text and "line 2001" not in text
     assert "2000 line(s) rejected" in text and "... and 1980 more" in text
     assert len(text.splitlines()) < 100
+
+
+def test_files_of_megabyte_lines_parse_in_process(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked parsers each held several near-cap lines and a copy of the CLI's heap."""
+    from batchroute.chunkpool import default_workers
+    from batchroute.ingest import ingest_workers
+
+    monkeypatch.delenv("BATCHROUTE_INGEST_WORKERS", raising=False)
+    huge, many = tmp_path / "huge.jsonl", tmp_path / "many.jsonl"
+    huge.write_bytes(b"\n".join(line(f"h{i}", body("x " * 600_000)) for i in range(4)))
+    many.write_bytes(b"\n".join(good(i) for i in range(60_000)))
+    assert huge.stat().st_size > 4 * 2**20 and many.stat().st_size > 4 * 2**20
+    assert ingest_workers(huge) == 0
+    assert ingest_workers(many) == default_workers()
