@@ -278,3 +278,18 @@ def test_files_of_megabyte_lines_parse_in_process(tmp_path: Path,
     assert huge.stat().st_size > 4 * 2**20 and many.stat().st_size > 4 * 2**20
     assert ingest_workers(huge) == 0
     assert ingest_workers(many) == default_workers()
+
+
+def test_a_stored_spec_that_no_longer_builds_fails_the_answer_instead_of_the_worker() -> None:
+    """A job stored before RE2 with a backreference pattern: the worker judging its paid
+    answer gets a failed verdict naming the reason (the job ends validation_failed),
+    not a ValidatorError after every paid call."""
+    from batchroute.validators import build_for_run, failure_reason, run_validators
+
+    checks = build_for_run([{"type": "regex", "pattern": r"(a)\1"}])
+    verdicts = run_validators(checks, _completion("aa"))
+    assert [v.ok for v in verdicts] == [False]
+    assert "validators cannot be built" in failure_reason(verdicts)
+    assert "no backreferences" in failure_reason(verdicts)
+    assert [v.ok for v in run_validators(build_for_run([{"type": "regex", "pattern": "a"}]),
+                                         _completion("aa"))] == [True]

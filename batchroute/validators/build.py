@@ -279,6 +279,32 @@ def build_validators(
     return _build_all(specs, dict(custom or {}))
 
 
+class _Unbuildable:
+    """Stands for specs that no longer build on a worker (a job stored before a limit
+    existed, e.g. a backreference pattern now refused by RE2): the answer fails with the
+    reason, so the job ends validation_failed instead of crashing every attempt after a
+    paid call."""
+
+    def __init__(self, reason: str) -> None:
+        self.name = "validators"
+        self.reason = reason
+
+    def check(self, completion: Any) -> Any:
+        from batchroute.validators.base import Verdict
+
+        return Verdict(self.name, False, f"validators cannot be built: {self.reason}")
+
+
+def build_for_run(specs: list[dict[str, Any]], custom: Mapping[str, str] | None = None,
+                  ) -> list[Validator]:
+    """build_validators for a worker about to judge a paid answer: never raises for a
+    bad spec (see _Unbuildable)."""
+    try:
+        return build_validators(specs, custom)
+    except ValidatorError as exc:
+        return [_Unbuildable(str(exc))]
+
+
 def validate_specs(specs: list[dict[str, Any]], custom: Mapping[str, str] | None = None) -> None:
     """Ingestion-time check of a job line's specs: the same checks as building, so
     lines that would fail on the workers are rejected up front.
