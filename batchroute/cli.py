@@ -301,7 +301,7 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
     table.add_row(f"[bold]batch: {data['state']}[/bold]", "")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
-    table.add_row("bad lines", str(b.error_lines))
+    table.add_row("bad lines", str(data["bad_line_count"]))
     if data["stalled"]["count"]:
         table.add_row("[red]stalled[/red]", str(data["stalled"]["count"]))
     out.print(table)

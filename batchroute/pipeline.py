@@ -29,7 +29,7 @@ from batchroute.runtime import Runtime
 from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
 from batchroute.tokens import max_completion
 from batchroute.validators import (
-    build_validators,
+    build_for_run,
     failure_reason,
     passed,
     run_validators,
@@ -179,7 +179,7 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     rt.budget.settle(hold, row["cost_usd"])
     if completion is not None:
         completion = consensus.majority_first(completion, specs)  # the voted answer first
-        verdicts = run_validators(build_validators(specs, rt.config.custom_validators),
+        verdicts = run_validators(build_for_run(specs, rt.config.custom_validators),
                                   completion, request=job.body)
         ok = passed(verdicts)
         row["outcome"] = "ok" if ok else "invalid"

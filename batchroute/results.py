@@ -68,9 +68,23 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
     return line
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """`a.jsonl`, `./a.jsonl`, an absolute path or a link to it: one file. Two atomic
+    writers on one path would each rename over the other, and one half would vanish."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = None,
                   ) -> WriteSummary:
-    """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None)."""
+    """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None,
+    or if `errors` is the same file as `out`: both kinds then go into that one file)."""
+    if errors is not None and same_file(out, errors):
+        errors = None
     per_job: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     request_ids: dict[str, str] = {}  # the last call's: the one whose answer is the result
     for a in store.attempts(batch_id):
@@ -92,7 +106,7 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
             target.write(json.dumps(line, ensure_ascii=False) + "\n")
             summary.written += job.state == SUCCEEDED
             summary.errors += job.state != SUCCEEDED
-        for le in store.line_errors(batch_id):
+        for le in store.iter_line_errors(batch_id):
             ferr.write(json.dumps({
                 "id": None, "custom_id": le.custom_id, "response": None,
                 "error": {"code": "invalid_line",
