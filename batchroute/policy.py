@@ -74,7 +74,7 @@ def backoff(n: int, retry_after: float | None = None, rng: random.Random | None 
     return max(delay, safe_wait(retry_after))
 
 
-def safe_wait(seconds: object, cap: float = MAX_RETRY_WAIT_S) -> float:
+def safe_wait(seconds: object, cap: float | None = None) -> float:
     """Any wait a provider asked for, made usable: a finite number in [0, cap]. inf, nan,
     negative, huge or not a number at all (the header parser's output is outside data)
     never reach a timer, which would overflow or die on them."""
@@ -83,7 +83,7 @@ def safe_wait(seconds: object, cap: float = MAX_RETRY_WAIT_S) -> float:
     value = float(seconds)
     if math.isnan(value) or value <= 0.0:
         return 0.0
-    return min(value, cap)
+    return min(value, MAX_RETRY_WAIT_S if cap is None else cap)
 
 
 def _move_up(pos: Position, reason: str, code: str) -> Decision:

@@ -91,8 +91,8 @@ class AnthropicAdapter:
         content = "".join(block["text"] for block in data["content"]
                           if block.get("type") == "text")
         usage = data.get("usage") or {}
-        counts = [token_count(usage.get(k)) for k in
-                  ("input_tokens", "output_tokens", "cache_read_input_tokens")]
+        counts = [token_count(usage.get(k), required=k != "cache_read_input_tokens")
+                  for k in ("input_tokens", "output_tokens", "cache_read_input_tokens")]
         flags = ("usage_suspect",) if None in counts else ()
         prompt_in, output, cached = (c or 0 for c in counts)
         finish = STOP_REASONS.get(str(data.get("stop_reason")), "stop")

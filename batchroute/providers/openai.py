@@ -48,7 +48,8 @@ class OpenAIAdapter:
         msg = choice["message"]
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
-        counts = [token_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+        counts = [token_count(usage.get(k), required=True)
+                  for k in ("prompt_tokens", "completion_tokens")]
         cached = token_count(details.get("cached_tokens"))
         flags = ("usage_suspect",) if None in counts or cached is None else ()
         lp = choice.get("logprobs")

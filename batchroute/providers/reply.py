@@ -66,11 +66,12 @@ def check_depth(data: Any, limit: int = MAX_DEPTH) -> None:
             stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
 
 
-def token_count(value: Any) -> int | None:
+def token_count(value: Any, required: bool = False) -> int | None:
     """A usable token count (an int, not a bool, 0 <= n < 2^31), else None (suspect).
-    A missing count (None) is 0: some OpenAI-compatible servers omit usage."""
+    A missing optional count (cached tokens) is 0; a missing required one (prompt,
+    completion) is suspect: a call billed at $0 because usage was left out is a wrong bill."""
     if value is None:
-        return 0
+        return None if required else 0
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value if 0 <= value <= MAX_TOKENS else None
