@@ -85,6 +85,14 @@ def _stream(total: int, piece: bytes = b" " * 65536) -> Callable[[], Iterator[by
     return gen
 
 
+def _big_valid() -> Iterator[bytes]:
+    """A well-formed chat.completion whose answer is 200 MB of text."""
+    head, tail = json.dumps(chat(content="@")).encode().split(b"@")
+    yield head
+    yield from _stream(BIG - len(head) - len(tail), b"a" * 65536)()
+    yield tail
+
+
 def _trickle() -> Iterator[bytes]:
     body = json.dumps(chat()).encode()
     end = time.monotonic() + TRICKLE_FOR_S
@@ -159,6 +167,7 @@ BEHAVIOURS: dict[str, Callable[[int], Reply]] = {
     "big-declared": lambda n: (200, {"Content-Type": "application/json",
                                      "Content-Length": str(BIG)}, _stream(BIG)),
     "big-chunked": lambda n: (200, {"Content-Type": "application/json"}, _stream(BIG)),
+    "big-valid": lambda n: (200, {"Content-Type": "application/json"}, _big_valid),
     "gzip-bomb": lambda n: _raw(gzip_bomb(), encoding="gzip"),
     "gzip-corrupt": lambda n: _raw(gzip.compress(json.dumps(chat()).encode())[:-12] + b"junk"
                                    * 3, encoding="gzip"),

@@ -72,6 +72,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "nested-100": ("failed", MALFORMED),
     "big-declared": ("failed", TOO_LARGE),
     "big-chunked": ("failed", TOO_LARGE),
+    "big-valid": ("failed", TOO_LARGE),
     "gzip-bomb": ("failed", TOO_LARGE),
     "gzip-corrupt": ("failed", MALFORMED),
     "gzip-ok": ("succeeded", None),
