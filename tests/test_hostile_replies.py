@@ -24,7 +24,9 @@ from click.testing import CliRunner
 from batchroute import policy
 from batchroute.billing import COST_CLAMP_FACTOR
 from batchroute.cli import main
+from batchroute.config import parse_config
 from batchroute.dispatch import MAX_DELAY_S, LocalDispatcher, bounded_delay
+from batchroute.embedded import run_file
 from batchroute.store import FINISHED, Store, get_engine
 from tests.conftest import PG_ADMIN_URL, _pg_admin, _pg_unreachable
 from tests.hostile_server import BEHAVIOURS, HostileServer
@@ -111,11 +113,14 @@ def _config_toml(url: str) -> str:
     return "\n".join(out)
 
 
-def _line(case: str) -> str:
-    return json.dumps({"custom_id": case, "method": "POST", "url": "/v1/chat/completions",
-                       "body": {"model": "auto", "max_tokens": MAX_TOKENS,
-                                "messages": [{"role": "user", "content": "Say hello."}]},
-                       "batchroute": {"pin": f"m-{case}"}})
+def _line(case: str, pin: bool = True) -> str:
+    line: dict[str, Any] = {
+        "custom_id": case, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "auto", "max_tokens": MAX_TOKENS,
+                 "messages": [{"role": "user", "content": "Say hello."}]}}
+    if pin:
+        line["batchroute"] = {"pin": f"m-{case}"}
+    return json.dumps(line)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +284,25 @@ def test_retry_timer_survives_inf_and_nan_delays() -> None:
         assert "inf" not in ran  # held for MAX_DELAY_S, not forever, and not run early
     finally:
         d.close()
+
+
+def test_negative_usage_cannot_let_a_batch_overspend(hostile: HostileServer,
+                                                     tmp_path: Path) -> None:
+    """Negative counts once became negative costs, and a batch spent 2.5x its budget."""
+    config = parse_config({
+        "providers": {"p": {"base_url": f"{hostile.url}/usage-negative/v1", "max_retries": 0,
+                            "timeout_s": 5}},
+        "models": {"m": {"provider": "p", "tier": 1,
+                         "price": {"input_per_mtok": PRICE_IN, "output_per_mtok": PRICE_OUT}}},
+        "tasks": {"default": {"ladder": [1], "validators": []}}})
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(_line(f"j{i}", pin=False) for i in range(20)) + "\n")
+    budget = 1e-4  # about six of these calls
+    store = Store()
+    outcome = run_file(src, tmp_path / "out.jsonl", tmp_path / "err.jsonl", config,
+                       store=store, concurrency=4, budget_usd=budget)
+    batch_id = outcome.ingest.batch_id
+    assert 0 < outcome.report["succeeded"] < 20
+    assert store.spent_usd(batch_id) <= budget + 1e-12
+    codes = {j.error["code"] for j in store.iter_jobs(batch_id) if j.error}
+    assert codes == {"budget_exhausted"}
