@@ -12,7 +12,7 @@ from batchroute.completion import Completion
 from batchroute.config import ProviderConfig
 from batchroute.providers.anthropic import AnthropicAdapter
 from batchroute.providers.base import Adapter, ErrorKind, ProviderError
-from batchroute.providers.body import BadEncoding, ReplyTooLarge, read_capped, rebuilt
+from batchroute.providers.body import BadEncoding, ReplyTooLarge, keep, read_capped
 from batchroute.providers.deadline import WATCHDOG
 from batchroute.providers.openai import OpenAIAdapter
 
@@ -57,7 +57,7 @@ def call(client: httpx.Client, provider: ProviderConfig, base_url: str, api_mode
     finally:
         guard.disarm()
     try:
-        return adapter.parse_response(rebuilt(response, content), time.perf_counter() - started)
+        return adapter.parse_response(keep(response, content), time.perf_counter() - started)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
             OverflowError) as e:
         # The reply checks (providers/reply.py) should have named the fault; whatever they

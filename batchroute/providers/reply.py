@@ -44,7 +44,8 @@ def decode_json(content: bytes) -> Any:
     except ValueError as e:
         snippet = text[:60].replace("\n", " ")
         raise MalformedReply(f"body is not JSON ({e}; starts {snippet!r})") from None
-    check_depth(data)
+    if content.count(b"[") + content.count(b"{") > MAX_DEPTH:  # else it cannot be deeper
+        check_depth(data)
     return data
 
 
