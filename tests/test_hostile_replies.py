@@ -28,7 +28,7 @@ from batchroute.config import parse_config
 from batchroute.dispatch import MAX_DELAY_S, LocalDispatcher, bounded_delay
 from batchroute.embedded import run_file
 from batchroute.store import FINISHED, Store, get_engine
-from tests.conftest import PG_ADMIN_URL, _pg_admin, _pg_unreachable
+from tests.conftest import PG_ADMIN_URL, _pg_admin, _pg_unreachable, wait_for
 from tests.hostile_server import BEHAVIOURS, HostileServer
 
 PRICE_IN, PRICE_OUT = 1.0, 2.0  # USD per million tokens
@@ -98,28 +98,30 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
 assert set(EXPECTED) == set(BEHAVIOURS)
 
 
-def _config_toml(url: str) -> str:
+def _config_toml(url: str, cases: Any = BEHAVIOURS, prefix: str = "m") -> str:
+    """A provider and a model (`{prefix}-{case}`) per behaviour."""
     out = []
-    for case in BEHAVIOURS:
+    for case in cases:
         retries = 1 if case.startswith("retry-after") else 0
         kind = "anthropic" if case.startswith("anth-") else "openai"
-        out.append(f'[providers.p-{case}]\nkind = "{kind}"\nbase_url = "{url}/{case}/v1"\n'
+        out.append(f'[providers.p{prefix}-{case}]\nkind = "{kind}"\n'
+                   f'base_url = "{url}/{case}/v1"\n'
                    f"timeout_s = {TIMEOUT_S}\ndeadline_factor = {DEADLINE_FACTOR}\n"
                    f"max_retries = {retries}\n")
-        out.append(f'[models.m-{case}]\nprovider = "p-{case}"\ntier = 1\n'
+        out.append(f'[models.{prefix}-{case}]\nprovider = "p{prefix}-{case}"\ntier = 1\n'
                    f"price = {{ input_per_mtok = {PRICE_IN}, output_per_mtok = {PRICE_OUT} }}\n")
     out.append("[tasks.default]\nladder = [1]\nvalidators = []\n")
     out.append("[breaker]\nfailures = 1000\n")
     return "\n".join(out)
 
 
-def _line(case: str, pin: bool = True) -> str:
+def _line(case: str, pin: bool = True, model: str | None = None) -> str:
     line: dict[str, Any] = {
         "custom_id": case, "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": "auto", "max_tokens": MAX_TOKENS,
                  "messages": [{"role": "user", "content": "Say hello."}]}}
     if pin:
-        line["batchroute"] = {"pin": f"m-{case}"}
+        line["batchroute"] = {"pin": model or f"m-{case}"}
     return json.dumps(line)
 
 
@@ -306,3 +308,37 @@ def test_negative_usage_cannot_let_a_batch_overspend(hostile: HostileServer,
     assert store.spent_usd(batch_id) <= budget + 1e-12
     codes = {j.error["code"] for j in store.iter_jobs(batch_id) if j.error}
     assert codes == {"budget_exhausted"}
+
+
+CELERY_CASES = ("ok", "usage-negative", "usage-2p40", "invalid-utf8", "message-string",
+                "logprobs-junk", "trickle-body", "gzip-bomb")
+
+
+@pytest.mark.integration
+def test_celery_workers_record_the_cause_of_every_hostile_reply(
+        hostile: HostileServer, start_worker: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On real workers these replies once crashed the task (a count past 2^31 failed the
+    PostgreSQL write): jobs ended `worker_lost` after three leases, the cause unrecorded.
+    Now each ends once, its attempt naming the error kind, and nothing is lost."""
+    cfg = tmp_path / "hostile.toml"
+    cfg.write_text(_config_toml(hostile.url, CELERY_CASES, prefix="hc"))
+    monkeypatch.setenv("BATCHROUTE_CONFIG", str(cfg))
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(_line(c, model=f"hc-{c}") for c in CELERY_CASES) + "\n")
+    worker = start_worker(concurrency=8)
+    res = CliRunner().invoke(main, ["submit", str(src), "--json"])
+    assert res.exit_code == 0, res.output
+    batch_id = json.loads(res.stdout)["batch_id"]
+    store = Store()
+    wait_for(lambda: sum(store.state_counts(batch_id).get(s, 0) for s in FINISHED)
+             >= len(CELERY_CASES), 60, "the batch; worker log:\n" + worker.log()[-3000:])
+    jobs = {j.custom_id: j for j in store.iter_jobs(batch_id)}
+    for case in CELERY_CASES:
+        state, detail = EXPECTED[case]
+        attempts = store.job_attempts(jobs[case].id)
+        assert jobs[case].state == state, (case, jobs[case].error)
+        assert [a.outcome for a in attempts] in (["ok"], ["error"]), (case, attempts)
+        a = attempts[0]
+        assert a.error_kind == detail or (a.flags or "") == (detail or ""), (case, a)
+        assert a.cost_usd >= 0
