@@ -263,3 +263,23 @@ def test_an_old_database_gains_the_flags_column(tmp_path: Path) -> None:
     store_module.get_engine(url)
     with sqlite3.connect(path) as conn:
         assert "flags" in [r[1] for r in conn.execute("PRAGMA table_info(attempt)")]
+
+
+def test_the_watchdog_works_in_a_forked_child() -> None:
+    """Celery's prefork pool forks after imports: the child needs its own thread."""
+    import os
+
+    from batchroute.providers.deadline import WATCHDOG
+
+    WATCHDOG.arm(60).disarm()  # the parent's thread is running
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            guard = WATCHDOG.arm(0.05)
+            time.sleep(0.5)
+            code = 0 if guard.fired else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

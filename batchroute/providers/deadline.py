@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -138,4 +139,14 @@ class Watchdog:
                 log.warning("deadline_fire_failed", exc_info=True)
 
 
+    def _after_fork(self) -> None:
+        """A forked child (Celery prefork) has no watchdog thread and maybe a lock held by
+        a parent thread: start afresh; the next call starts the child's own thread."""
+        self._heap = []
+        self._cond = threading.Condition()
+        self._thread = None
+        self._compact_at = 256
+
+
 WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._after_fork)
