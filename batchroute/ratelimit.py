@@ -73,6 +73,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from batchroute import policy
 from batchroute.completion import Completion, Usage
 from batchroute.config import Config, ModelConfig, ProviderConfig
 from batchroute.providers.base import ErrorKind, ProviderError
@@ -789,7 +790,8 @@ class Limiter:
             delta = 0 if charged is None else charged - grant.reserved
             block_s = header_block_s(completion.rate_limit)
         elif error is not None and error.kind is ErrorKind.RATE_LIMITED:
-            block_s = min(error.retry_after or DEFAULT_BLOCK_S, MAX_BLOCK_S)
+            # safe_wait: a Retry-After of inf/nan/negative must not reach the backend.
+            block_s = min(policy.safe_wait(error.retry_after) or DEFAULT_BLOCK_S, MAX_BLOCK_S)
         # Block the narrowest pool we know: the model's own limits if it has them.
         narrow = len(grant.scopes) - 1
         block = [i == narrow for i in range(len(grant.scopes))]

@@ -130,6 +130,9 @@ class Attempt(SQLModel, table=True):
     error_kind: str | None = None
     reason: str = ""
     request_id: str = ""
+    # Comma-separated doubts about the reply's bill (batchroute.billing): usage_suspect,
+    # cost_clamped. Nullable, so older databases gain it in _add_missing_columns.
+    flags: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -6,7 +6,6 @@ output file looks the same whichever provider answered.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -15,6 +14,13 @@ import httpx
 from batchroute.completion import Completion, Usage
 from batchroute.providers.base import ErrorKind, ProviderError, http_error
 from batchroute.providers.errors import reply_error
+from batchroute.providers.reply import (
+    MalformedReply,
+    check_messages_reply,
+    decode_json,
+    field_str,
+    token_count,
+)
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
 API_VERSION = "2023-06-01"
@@ -46,11 +52,13 @@ def to_messages_request(api_model: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def to_chat_completion(data: dict[str, Any], finish_reason: str, content: str) -> dict[str, Any]:
     usage = data.get("usage") or {}
-    prompt = int(usage.get("input_tokens", 0)) + int(usage.get("cache_read_input_tokens", 0) or 0)
-    completion = int(usage.get("output_tokens", 0))
+    # A count that is not sane is 0 here; the pipeline bills such a reply on its own count.
+    prompt = ((token_count(usage.get("input_tokens")) or 0)
+              + (token_count(usage.get("cache_read_input_tokens")) or 0))
+    completion = token_count(usage.get("output_tokens")) or 0
     return {
-        "id": data.get("id", ""), "object": "chat.completion", "created": int(time.time()),
-        "model": data.get("model", ""),
+        "id": field_str(data.get("id")), "object": "chat.completion",
+        "created": int(time.time()), "model": field_str(data.get("model")),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -72,24 +80,27 @@ class AnthropicAdapter:
         if error is not None:  # any status >= 400, or a gateway's error object in a 200
             raise http_error(error, response)
         try:
-            data = response.json()
-            content = "".join(block.get("text", "") for block in data["content"]
-                              if block.get("type") == "text")
-            usage = data.get("usage") or {}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ProviderError(ErrorKind.BAD_RESPONSE,
-                                f"unreadable Messages API body ({type(e).__name__}: {e})",
+            data = decode_json(response.content)
+            check_messages_reply(data)
+        except MalformedReply as e:
+            raise ProviderError(ErrorKind.MALFORMED_REPLY, f"Messages API reply: {e}",
                                 response.status_code) from None
+        content = "".join(block["text"] for block in data["content"]
+                          if block.get("type") == "text")
+        usage = data.get("usage") or {}
+        counts = [token_count(usage.get(k), required=k != "cache_read_input_tokens")
+                  for k in ("input_tokens", "output_tokens", "cache_read_input_tokens")]
+        flags = ("usage_suspect",) if None in counts else ()
+        prompt_in, output, cached = (c or 0 for c in counts)
         finish = STOP_REASONS.get(str(data.get("stop_reason")), "stop")
-        cached = int(usage.get("cache_read_input_tokens", 0) or 0)
         return Completion(
             content=content, finish_reason=finish,
-            usage=Usage(prompt_tokens=int(usage.get("input_tokens", 0)) + cached,
-                        completion_tokens=int(usage.get("output_tokens", 0)),
+            usage=Usage(prompt_tokens=prompt_in + cached, completion_tokens=output,
                         cached_tokens=cached),
-            model=str(data.get("model", "")),
-            request_id=response.headers.get("request-id", "") or str(data.get("id", "")),
+            model=field_str(data.get("model")),
+            request_id=response.headers.get("request-id", "") or field_str(data.get("id")),
             latency_s=latency_s, body=to_chat_completion(data, finish, content),
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+            flags=flags,
         )
 

@@ -30,7 +30,10 @@ class ErrorKind(StrEnum):
     CONTENT_FILTER = "content_filter"
     INVALID_REQUEST = "invalid_request"
     AUTH = "auth"
-    BAD_RESPONSE = "bad_response"  # 200 with a body we cannot read
+    BAD_RESPONSE = "bad_response"  # kept for old ledgers; new replies use MALFORMED_REPLY
+    MALFORMED_REPLY = "malformed_reply"  # 2xx whose body breaks the API's shape (reply.py)
+    REPLY_TOO_LARGE = "reply_too_large"  # body past max_reply_bytes, counted decoded
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the whole call outlived its total deadline
 
 
 class ProviderError(Exception):
