@@ -324,7 +324,7 @@ def _only_batch(store: Store) -> str:
 
 
 def test_breaker_config_parses() -> None:
-    assert BreakerConfig.from_dict({"failures": "4", "cooldown_s": 2}).failures == 4
+    assert BreakerConfig.from_dict({"failures": "4", "cooldown_s": 2}).min_calls == 4
 
 
 def test_bad_key_fails_the_job_at_once(sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
