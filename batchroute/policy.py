@@ -17,10 +17,8 @@ from batchroute.providers.base import ErrorKind
 MAX_ATTEMPTS_PER_JOB = 12
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
-# While every model of a tier is cooling down (circuit breakers open), a job waits
-# for a probe to close one; after this many waits the next tier takes it instead.
-MAX_DEFERRALS = 20
-DEFER_CAP_S = 5.0
+# While every model of a tier is cooling down (circuit breakers open), a job waits: see
+# batchroute.waiting (until the batch deadline, or until the next tier takes it).
 
 
 class Action(StrEnum):
@@ -50,6 +48,9 @@ class Position:
     consecutive_errors: int  # trailing provider errors on the current model, this one included
     has_failover: bool  # another model of this tier is available
     max_retries: int = 2
+    # No equivalent model, no higher tier and the batch deadline not reached: transient
+    # errors are waited out (retried with backoff) instead of failing the job.
+    can_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def after_error(pos: Position, kind: ErrorKind, message: str,
     if pos.attempt_no >= MAX_ATTEMPTS_PER_JOB:
         return Decision(Action.FAIL, f"{reason} (attempt limit reached)",
                         error_code="attempts_exhausted")
-    if kind in TRANSIENT and pos.consecutive_errors <= pos.max_retries:
+    if kind in TRANSIENT and (pos.consecutive_errors <= pos.max_retries or pos.can_wait):
         return Decision(Action.RETRY, reason, delay_s=backoff(pos.consecutive_errors, retry_after))
     if pos.has_failover:
         return Decision(Action.FAILOVER, reason, exclude_current=True)
