@@ -50,8 +50,7 @@ from batchroute.tokens import count_messages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT = 64
-WORDS = ("order refund invoice delivery account password shipping warranty product "
-         "customer support billing subscription cancel upgrade payment address").split()
+WORDS = ["order", "refund", "invoice", "delivery", "account", "password", "shipping", "warranty", "product", "customer", "support", "billing", "subscription", "cancel", "upgrade", "payment", "address"]
 
 
 @dataclass(frozen=True)
@@ -213,7 +212,8 @@ def run_sdk(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
                                     timeout=10)
         try:
             return await _loop(w, lambda i: client.chat.completions.create(
-                model="only", messages=messages(i, w), max_tokens=w.max_tokens))
+                model="only", messages=messages(i, w),  # type: ignore[arg-type]
+                max_tokens=w.max_tokens))
         finally:
             await client.close()
 
@@ -230,7 +230,8 @@ def run_litellm(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
 
     async def go() -> dict[str, Any]:
         return await _loop(w, lambda i: router.acompletion(
-            model="only", messages=messages(i, w), max_tokens=w.max_tokens))
+            model="only", messages=messages(i, w),  # type: ignore[arg-type]
+            max_tokens=w.max_tokens))
 
     return asyncio.run(go())
 
