@@ -50,7 +50,9 @@ from batchroute.tokens import count_messages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT = 64
-WORDS = ["order", "refund", "invoice", "delivery", "account", "password", "shipping", "warranty", "product", "customer", "support", "billing", "subscription", "cancel", "upgrade", "payment", "address"]
+WORDS = ["order", "refund", "invoice", "delivery", "account", "password", "shipping",
+         "warranty", "product", "customer", "support", "billing", "subscription", "cancel",
+         "upgrade", "payment", "address"]
 
 
 @dataclass(frozen=True)
