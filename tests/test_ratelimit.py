@@ -215,26 +215,30 @@ def _scope(rpm: int | None = None, tpm: int | None = None, conc: int | None = No
     return build_scope("p", key, window, rpm, tpm, conc, safety_s=0.0)
 
 
-def test_memory_backend_sleeps_short_waits_and_paces_deferrals() -> None:
+def test_memory_backend_spends_the_window_then_defers_to_when_it_frees_up() -> None:
     clock = Clock()
     be = MemoryBackend(clock)
-    s = [_scope(rpm=60)]  # one request per second
-    kinds = [be.acquire(s, Request(1, f"h{i}", 10.0)) for i in range(5)]
-    assert [(o.kind, round(o.wait_s, 3)) for o in kinds[:2]] == [(GRANTED, 0.0), (GRANTED, 1.0)]
-    # the rest wait for turns 2, 3, 4 s away in the shadow schedule: paced, not all at once
-    assert [(o.kind, o.reason) for o in kinds[2:]] == [(DEFER, "rpm")] * 3
-    assert [round(o.wait_s, 3) for o in kinds[2:]] == [2.0, 3.0, 4.0]
-    assert be.usage(s[0])["deferred"] == 3 and be.usage(s[0])["requests"] == 2
+    s = [_scope(rpm=3)]  # 3 requests per 60 s window
+    kinds = [be.acquire(s, Request(1, f"h{i}", 10.0)) for i in range(7)]
+    # the window's whole allowance goes at once, as the provider's own window permits
+    assert [(o.kind, o.wait_s) for o in kinds[:3]] == [(GRANTED, 0.0)] * 3
+    # the rest wait for the window to free up: a window's worth then, the next paced after
+    assert [(o.kind, o.reason) for o in kinds[3:]] == [(DEFER, "rpm")] * 4
+    assert [round(o.wait_s, 3) for o in kinds[3:]] == [60.0, 60.0, 60.0, 80.0]
+    assert be.usage(s[0])["deferred"] == 4 and be.usage(s[0])["requests"] == 3
+    clock.sleep(59.5)  # half a second before the first admission leaves the window:
+    late = be.acquire(s, Request(1, "late", 10.0))
+    assert (late.kind, round(late.wait_s, 3)) == (GRANTED, 0.5)  # slept in the worker
 
 
 def test_deferral_beyond_the_cap_takes_no_turn() -> None:
     be = MemoryBackend(Clock())
-    s = [_scope(rpm=60)]
-    for i in range(4):
-        be.acquire(s, Request(1, f"h{i}", 10.0, max_defer_s=2.5))
-    capped = be.acquire(s, Request(1, "late", 10.0, max_defer_s=2.5))
+    s = [_scope(rpm=2, window=2.0)]
+    for i in range(5):  # 2 granted, then turns at 2, 2 and 3 s
+        assert not be.acquire(s, Request(1, f"h{i}", 10.0, max_defer_s=3.5)).capped
+    capped = be.acquire(s, Request(1, "late", 10.0, max_defer_s=3.5))  # 4 s away
     assert capped.kind == DEFER and capped.capped
-    again = be.acquire(s, Request(1, "late2", 10.0, max_defer_s=2.5))
+    again = be.acquire(s, Request(1, "late2", 10.0, max_defer_s=3.5))
     assert again.capped and again.wait_s == capped.wait_s  # the queue did not grow
 
 
@@ -252,16 +256,19 @@ def test_concurrency_slots_retry_then_free() -> None:
 
 
 def test_limiter_sleeps_briefly_then_defers_with_a_bounded_countdown() -> None:
-    cfg = _config(provider="rpm = 60")
+    cfg = _config(provider="rpm = 2\nrate_window_s = 2")
     slept: list[float] = []
-    lim = Limiter(cfg, MemoryBackend(Clock()), sleep=slept.append, safety_s=0.0)
+    clock = Clock()
+    lim = Limiter(cfg, MemoryBackend(clock), sleep=slept.append, safety_s=0.0)
     m, p = cfg.models["m"], cfg.providers["p"]
     g1, g2, g3 = (lim.acquire(m, p, FakeJob(i)) for i in (1, 2, 3))
-    assert not g1.deferred and g1.waited_s == 0
-    assert not g2.deferred and slept == [pytest.approx(1.0)]  # 1 s: slept in the worker
+    assert not g1.deferred and not g2.deferred and g2.waited_s == 0 and not slept
     # 2 s: back to the queue, returning half a horizon early to sleep the rest
     assert g3.deferred and g3.defer_s == pytest.approx(1.5)
     assert g3.pool == "p" and g3.reason == "rpm"
+    clock.sleep(1.5)
+    g4 = lim.acquire(m, p, FakeJob(4))
+    assert not g4.deferred and slept == [pytest.approx(0.5)]  # 0.5 s: slept in the worker
     assert MAX_DEFER_S < 3600 / 4  # far below the broker's visibility timeout
 
 
@@ -332,7 +339,8 @@ def _hammer(seed: int, until: float, out: Any) -> None:
     scope, rng, got = _redis_scope(), random.Random(seed), []
     while time.time() < until:
         cost = rng.randint(5, 30)
-        o = be.acquire([scope], Request(cost, f"h{seed}", 10.0, horizon_s=0.5))
+        holder = f"h{seed}-{len(got)}-{rng.random()}"  # one per acquisition, as Limiter's
+        o = be.acquire([scope], Request(cost, holder, 10.0, horizon_s=0.5))
         if o.kind == GRANTED:
             got.append((o.now + o.wait_s, cost))
             time.sleep(o.wait_s)
@@ -357,12 +365,12 @@ def test_processes_sharing_redis_never_exceed_the_limit_in_any_window(redis_url:
     scope = _redis_scope()
     assert _max_in_window([(t, 1) for t, _ in got], scope.window_s) <= 20
     assert _max_in_window(got, scope.window_s) <= 300
-    assert len({t for t, _ in got}) == len(got)  # atomic: no two callers got the same slot
     span = max(t for t, _ in got) - min(t for t, _ in got)
     assert scope.rpm is not None and scope.tpm is not None
-    capacity = min(span / scope.rpm.interval,
-                   span / scope.tpm.interval / (sum(c for _, c in got) / len(got)))
-    assert len(got) >= 0.8 * capacity  # and the allowance is used, not wasted
+    windows = span / scope.window_s
+    capacity = min(windows * scope.rpm.limit,
+                   windows * scope.tpm.limit / (sum(c for _, c in got) / len(got)))
+    assert len(got) >= 0.9 * capacity  # and the allowance is used, not wasted
 
 
 @pytest.mark.integration
@@ -370,13 +378,14 @@ def test_redis_reservation_is_reconciled(redis_url: str) -> None:
     import redis
 
     be = RedisBackend(redis.Redis.from_url(redis_url))
-    s = [build_scope("r", "batchroute:rl:{r}", 60.0, None, 600, None, safety_s=0.0)]
-    assert be.acquire(s, Request(10, "a", 10.0)).kind == GRANTED  # a full bucket of 10
-    o = be.acquire(s, Request(10, "b", 10.0, horizon_s=0.1))
-    assert o.kind == DEFER  # the next 10 tokens are a second away
+    s = [build_scope("r", "batchroute:rl:{r}", 60.0, None, 20, None, safety_s=0.0)]
+    assert be.acquire(s, Request(10, "a", 10.0)).kind == GRANTED
+    assert be.acquire(s, Request(10, "b", 10.0)).kind == GRANTED  # the window is full
+    o = be.acquire(s, Request(8, "c", 10.0, horizon_s=0.1))
+    assert o.kind == DEFER and o.wait_s == pytest.approx(60.0, abs=0.1)  # when "a" leaves
     be.settle(s, "a", -8, 0.0, [False], 0.0)  # "a" really used 2: refund 8
     assert be.acquire(s, Request(8, "c", 10.0, horizon_s=0.1)).kind == GRANTED
-    assert be.usage(s[0])["tokens"] == 2 + 8
+    assert be.usage(s[0])["tokens"] == 2 + 10 + 8
 
 
 def _hold_slot(ready: Any) -> None:
@@ -413,7 +422,7 @@ def test_a_killed_holders_slot_comes_back_after_its_lease(redis_url: str) -> Non
 def test_redis_and_memory_backends_decide_alike(redis_url: str) -> None:
     import redis
 
-    scopes = [build_scope("a", "batchroute:rl:{a}", 60.0, 600, 6000, 3, safety_s=0.2),
+    scopes = [build_scope("a", "batchroute:rl:{a}", 60.0, 600, 200, 3, safety_s=0.2),
               build_scope("a/m", "batchroute:rl:{a}:model:m", 60.0, 240, None, None)]
     reqs = [Request(c, f"h{i}", 10.0) for i, c in enumerate([40, 10, 90, 5, 80])]
     reqs += [Request(20, "q1", 10.0, defer_only=True), Request(7, "q2", 10.0, defer_only=True)]
@@ -424,9 +433,10 @@ def test_redis_and_memory_backends_decide_alike(redis_url: str) -> None:
         assert (a.kind, a.reason, a.capped) == (b.kind, b.reason, b.capped)
         assert a.wait_s == pytest.approx(b.wait_s, abs=0.05)
         seen.append((a.kind, round(a.wait_s, 2)))
-    # grant, sleep, sleep, concurrency full, then turns in the shadow schedule
-    assert seen == [(GRANTED, 0.0), (GRANTED, 0.25), (GRANTED, 0.5), (RETRY, 0.33),
-                    (DEFER, 1.22), (DEFER, 1.56), (DEFER, 1.89)]
+    # the window's tokens at once, concurrency full, then turns: when the window frees up
+    # (60.2 s), the next behind it in the concurrency shadow (a slot per hold / 3)
+    assert seen == [(GRANTED, 0.0), (GRANTED, 0.0), (GRANTED, 0.0), (RETRY, 0.33),
+                    (DEFER, 60.2), (DEFER, 60.53), (DEFER, 60.87)]
 
 
 @pytest.mark.integration
@@ -520,7 +530,9 @@ base_url = "{sim.url}/v1"
 timeout_s = 10
 rpm = {rpm}
 tpm = 100000
-rate_window_s = {window}
+# 1 s more than the simulator's window (on top of the 0.5 s safety margin): under CPU
+# load a request may reach the simulator, or be counted by it, later than that.
+rate_window_s = {window + 1.0}
 [models.m]
 provider = "rlpool"
 tier = 1
@@ -544,8 +556,8 @@ validators = []
         assert store.state_counts(batch_id) == {"succeeded": jobs}
         assert stats["by_status"].get("429", 0) == 0
         assert stats["refused_rpm"] == 0 and stats["by_status"]["200"] == jobs
-        # held to the limit: (jobs - burst) requests at rpm per (window + safety margin)
-        assert elapsed >= (jobs - 1) / rpm * window
+        # held to the limit: a window's allowance at once, the next when it frees up
+        assert elapsed >= (jobs // rpm - 1) * window
         logs = "".join(w.log() for w in workers)
         assert "rate_limited_deferred" in logs  # waits longer than ~1 s went back to the queue
     finally:
