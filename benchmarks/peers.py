@@ -24,7 +24,7 @@ Workloads:
     python benchmarks/peers.py [--only faults10,ratelimited] [--systems batchroute,sdk]
                                [--celery] [--json]
 
-Needs ``pip install -e .[bench]`` (litellm, openai). ``--celery`` needs Redis (db 13).
+Needs ``pip install -e .[bench]`` (litellm, openai). ``--celery`` needs Redis (db 12, flushed).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run_celery(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
 
     from batchroute.store import FINISHED, Store, get_engine
 
-    broker = "redis://127.0.0.1:6379/13"
+    broker = "redis://127.0.0.1:6379/12"
     redis.Redis.from_url(broker).flushdb()
     cfg = tmp / f"{w.name}.toml"
     cfg.write_text(toml({k: v for k, v in br_config(url, w).items() if k != "tasks"})

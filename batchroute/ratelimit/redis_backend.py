@@ -66,7 +66,7 @@ local function wstart(base, kind, total, t0, c, limit, sp)
     local n = redis.call('ZCARD', lk)
     local idx = math.min(n, math.ceil(need)) - 1
     local e = redis.call('ZRANGE', lk, idx, idx, 'WITHSCORES')
-    return math.max(t0, tonumber(e[2]) + sp)
+    return math.max(t0, tonumber(e[2]) + sp + 0.000001)
   end
   local freed, latest, from = 0, -1e300, 0
   while true do
@@ -78,11 +78,11 @@ local function wstart(base, kind, total, t0, c, limit, sp)
     for i = 1, #names do
       freed = freed + (tonumber(costs[i]) or 0)
       latest = math.max(latest, tonumber(e[2 * i]))
-      if freed >= need then return math.max(t0, latest + sp) end
+      if freed >= need then return math.max(t0, latest + sp + 0.000001) end
     end
     from = from + 100
   end
-  return math.max(t0, latest + sp)
+  return math.max(t0, latest + sp + 0.000001)
 end
 """
 

@@ -47,6 +47,9 @@ MIN_POLL_S, MAX_POLL_S = 0.02, 0.25
 GRANTED, RETRY, DEFER = "granted", "retry", "defer"
 
 
+EDGE_S = 1e-6
+
+
 class Schedule(Protocol):
     @property
     def interval(self) -> float: ...
@@ -148,4 +151,6 @@ def window_start(entries: Iterable[tuple[float, float]], total: float, t0: float
         latest = max(latest, at)
         if freed >= need:
             break
-    return max(t0, latest + span)
+    # 1 us past the edge: the provider drops an entry exactly `span` old, and clocks and
+    # Redis keep microseconds, so at the edge float rounding could land on either side.
+    return max(t0, latest + span + EDGE_S)
