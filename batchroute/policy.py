@@ -17,6 +17,9 @@ from batchroute.providers.base import ErrorKind
 MAX_ATTEMPTS_PER_JOB = 12
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+# Retries past max_retries while a job waits out transient errors (Position.can_wait)
+# back off at most this many doublings (0.5 s, 1 s, 2 s).
+WAIT_BACKOFF_STEPS = 3
 # While every model of a tier is cooling down (circuit breakers open), a job waits: see
 # batchroute.waiting (until the batch deadline, or until the next tier takes it).
 
@@ -93,8 +96,15 @@ def after_error(pos: Position, kind: ErrorKind, message: str,
     if pos.attempt_no >= MAX_ATTEMPTS_PER_JOB:
         return Decision(Action.FAIL, f"{reason} (attempt limit reached)",
                         error_code="attempts_exhausted")
-    if kind in TRANSIENT and (pos.consecutive_errors <= pos.max_retries or pos.can_wait):
+    if kind in TRANSIENT and pos.consecutive_errors <= pos.max_retries:
         return Decision(Action.RETRY, reason, delay_s=backoff(pos.consecutive_errors, retry_after))
+    if kind in TRANSIENT and pos.can_wait:
+        # Waiting out transient errors on a model that answers most calls (else its breaker
+        # would be open): failures are then independent draws, and a longer backoff only
+        # stretches the batch's tail. Overload is the breaker's and the pools' business.
+        return Decision(Action.RETRY, reason,
+                        delay_s=backoff(min(pos.consecutive_errors, WAIT_BACKOFF_STEPS),
+                                        retry_after))
     if pos.has_failover:
         return Decision(Action.FAILOVER, reason, exclude_current=True)
     return _move_up(pos, reason, kind.value if kind in MOVE_ON else "provider_error")
