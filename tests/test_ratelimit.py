@@ -39,7 +39,6 @@ from batchroute.ratelimit import (
     header_block_s,
     window_start,
 )
-from batchroute.ratelimit.schedule import leaves_at
 
 from .conftest import REDIS_URL, wait_for
 
@@ -569,29 +568,13 @@ validators = []
 # ---- the whole allowance, strictly (sliding window) --------------------------------------------
 
 def test_window_start_waits_for_enough_units_to_leave() -> None:
-    leaves = [(10.0, 40.0), (11.0, 30.0), (12.0, 30.0)]  # (leaves the window at, units)
+    entries = [(0.0, 40.0), (1.0, 30.0), (2.0, 30.0)]
     at = pytest.approx  # (1 us past the window's edge)
-    assert window_start(leaves, 100.0, 5.0, 0.0, 100) == 5.0
-    assert window_start(leaves, 100.0, 5.0, 30.0, 100) == at(10.0)  # the first 40 leave
-    assert window_start(leaves, 100.0, 5.0, 50.0, 100) == at(11.0)  # and the next 30
-    assert window_start(leaves, 100.0, 5.0, 150.0, 100) == at(12.0)  # oversize: empty
-    assert window_start([], 0.0, 5.0, 100.0, 100) == 5.0
-    assert leaves_at(100.0, 60.5, None, 60.0) == 160.5  # in flight: window + margin
-    assert leaves_at(100.0, 60.5, 100.05, 60.0) == pytest.approx(160.05)  # answered
-
-
-def test_a_settled_call_frees_its_slot_at_the_window_not_the_margin() -> None:
-    clock = Clock()
-    be = MemoryBackend(clock)
-    s = [build_scope("p", "k", 10.0, 1, None, None, safety_s=0.5)]
-    assert be.acquire(s, Request(1, "a", 10.0)).kind == GRANTED
-    in_flight = be.acquire(s, Request(1, "b", 10.0, horizon_s=20.0, defer_only=True))
-    # in flight: it leaves the window + margin after "a" was admitted
-    assert in_flight.kind == DEFER and in_flight.wait_s == pytest.approx(10.5, abs=1e-4)
-    clock.sleep(0.05)
-    be.settle(s, "a", 0, 1000.0, [False], 0.0)  # answered 50 ms later
-    c = be.acquire(s, Request(1, "c", 10.0, horizon_s=20.0))
-    assert (c.kind, round(c.wait_s, 3)) == (GRANTED, 10.0)  # 10.05 s after "a" went
+    assert window_start(entries, 100.0, 5.0, 0.0, 100, 10.0) == 5.0
+    assert window_start(entries, 100.0, 5.0, 30.0, 100, 10.0) == at(10.0)  # the first 40 leave
+    assert window_start(entries, 100.0, 5.0, 50.0, 100, 10.0) == at(11.0)  # and the next 30
+    assert window_start(entries, 100.0, 5.0, 150.0, 100, 10.0) == at(12.0)  # oversize: empty
+    assert window_start([], 0.0, 5.0, 100.0, 100, 10.0) == 5.0
 
 
 def _admit_greedily(be: MemoryBackend, clock: Clock, scope: Scope, costs: list[int],

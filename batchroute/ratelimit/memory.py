@@ -25,22 +25,21 @@ from batchroute.ratelimit.schedule import (
     RETRY,
     commit,
     earliest,
-    leaves_at,
     window_start,
 )
 
 
 @dataclass
 class _Log:
-    """What a limit admitted that may still be in the provider's window:
-    [leaves at, units, holder], about in leaving order (see `schedule.leaves_at`)."""
+    """What a limit admitted within its window: [time, units, holder], sorted by time (a
+    grant may start up to a horizon in the future, so a few land before the last)."""
 
     entries: deque[list[Any]] = field(default_factory=deque)
     total: float = 0.0
     by_holder: dict[str, list[Any]] = field(default_factory=dict)
 
-    def prune(self, now: float) -> None:
-        while self.entries and self.entries[0][0] <= now:
+    def prune(self, now: float, span_s: float) -> None:
+        while self.entries and self.entries[0][0] <= now - span_s:
             entry = self.entries.popleft()
             self.total -= entry[1]
             if self.by_holder.get(entry[2]) is entry:
@@ -55,20 +54,20 @@ class _Log:
         self.total += units
         self.by_holder[holder] = entry
 
-    def settle(self, holder: str, delta: float, now: float, window: float) -> bool:
-        """Correct an admitted entry to what the provider really counted, and to when it
-        leaves at the latest now that the answer is back. False when it already left."""
+    def adjust(self, holder: str, delta: float) -> bool:
+        """Correct an admitted entry to what the provider really counted (at the time it
+        counted it). False when the entry has already left the window."""
         entry = self.by_holder.get(holder)
         if entry is None:
             return False
         delta = max(delta, -entry[1])
         entry[1] += delta
         self.total += delta
-        entry[0] = min(entry[0], now + window)
         return True
 
-    def start(self, t0: float, cost: float, limit: int) -> float:
-        return window_start(((e[0], e[1]) for e in self.entries), self.total, t0, cost, limit)
+    def start(self, t0: float, cost: float, limit: int, span_s: float) -> float:
+        return window_start(((e[0], e[1]) for e in self.entries), self.total, t0, cost,
+                            limit, span_s)
 
 
 @dataclass
@@ -121,8 +120,8 @@ class MemoryBackend:
             for s, st in zip(scopes, states, strict=True):
                 for kind, rate, cost in limits_of(s, req.cost):
                     log = st.log(kind)
-                    log.prune(now)
-                    e = log.start(t0, cost, rate.limit)
+                    log.prune(now, span(rate))
+                    e = log.start(t0, cost, rate.limit, span(rate))
                     if e > start:
                         start, reason = e, ("rpm" if kind == "r" else "tpm")
             if not req.defer_only and start - now <= req.horizon_s:
@@ -133,9 +132,8 @@ class MemoryBackend:
                 if svc:
                     return Outcome(RETRY, svc, "concurrency", now)
                 for s, st in zip(scopes, states, strict=True):
-                    for kind, rate, cost in limits_of(s, req.cost):
-                        st.log(kind).add(leaves_at(start, span(rate), None, rate.window_s),
-                                         cost, req.holder)
+                    for kind, _rate, cost in limits_of(s, req.cost):
+                        st.log(kind).add(start, cost, req.holder)
                     if s.max_concurrency:
                         st.holders[req.holder] = start + req.lease_s
                     st.count(now, s.window_s, r=1, t=req.cost)
@@ -167,10 +165,8 @@ class MemoryBackend:
             now = self.clock()
             for s, blk in zip(scopes, block, strict=True):
                 st = self._state(s)
-                for kind, _rate, _cost in limits_of(s, 0):
-                    if st.log(kind).settle(holder, delta if kind == "t" else 0, now,
-                                           s.window_s) and kind == "t" and delta:
-                        st.count(now, s.window_s, t=delta)
+                if s.tpm and delta and st.log("t").adjust(holder, delta):
+                    st.count(now, s.window_s, t=delta)
                 if s.max_concurrency and st.holders.pop(holder, None) is not None \
                         and started_at > 0:
                     held = max(0.0, now - started_at)

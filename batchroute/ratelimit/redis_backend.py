@@ -2,10 +2,9 @@
 Redis server's clock, a line-by-line transcription of `batchroute.ratelimit.memory`.
 
 Keys (base ``batchroute:rl:{provider}[:model:<name>]``): ``:log:r`` / ``:log:t`` sorted
-sets of admitted holders scored by when they leave the provider's window at the latest,
-``:cost:t`` their tokens, ``:sum:t`` the tokens in the window, ``:v:*`` the shadow
-schedules, ``:conc`` the concurrency holders, ``:block``, ``:hold`` and ``:u:<second>``
-usage counters.
+sets of admitted holders scored by admission time, ``:cost:t`` their tokens, ``:sum:t``
+the tokens in the window, ``:v:*`` the shadow schedules, ``:conc`` the concurrency
+holders, ``:block``, ``:hold`` and ``:u:<second>`` usage counters.
 """
 
 from __future__ import annotations
@@ -40,26 +39,26 @@ local function count(base, win, field, by)
   redis.call('EXPIRE', k, math.ceil(win) + 5)
 end
 -- Drop what left the window; returns the units still in it.
-local function prune(base, kind)
+local function prune(base, kind, sp)
   local lk = base .. ':log:' .. kind
   if kind == 'r' then
-    redis.call('ZREMRANGEBYSCORE', lk, '-inf', fmt(now))
+    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now - sp)
     return redis.call('ZCARD', lk)
   end
-  local old = redis.call('ZRANGEBYSCORE', lk, '-inf', fmt(now))
+  local old = redis.call('ZRANGEBYSCORE', lk, '-inf', now - sp)
   local total = num(base .. ':sum:t', 0)
   if #old > 0 then
     local costs = redis.call('HMGET', base .. ':cost:t', unpack(old))
     for i = 1, #old do total = total - (tonumber(costs[i]) or 0) end
     redis.call('HDEL', base .. ':cost:t', unpack(old))
-    redis.call('ZREMRANGEBYSCORE', lk, '-inf', fmt(now))
+    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now - sp)
     if total < 0 then total = 0 end
     redis.call('SET', base .. ':sum:t', fmt(total))
   end
   return total
 end
--- The earliest start >= t0 at which c more units fit in the window (schedule.window_start).
-local function wstart(base, kind, total, t0, c, limit)
+-- The earliest start >= t0 at which c more units fit in the window (memory.window_start).
+local function wstart(base, kind, total, t0, c, limit, sp)
   local need = total + c - limit
   if need <= 0 then return t0 end
   local lk = base .. ':log:' .. kind
@@ -67,7 +66,7 @@ local function wstart(base, kind, total, t0, c, limit)
     local n = redis.call('ZCARD', lk)
     local idx = math.min(n, math.ceil(need)) - 1
     local e = redis.call('ZRANGE', lk, idx, idx, 'WITHSCORES')
-    return math.max(t0, tonumber(e[2]) + 0.000001)
+    return math.max(t0, tonumber(e[2]) + sp + 0.000001)
   end
   local freed, latest, from = 0, -1e300, 0
   while true do
@@ -79,11 +78,11 @@ local function wstart(base, kind, total, t0, c, limit)
     for i = 1, #names do
       freed = freed + (tonumber(costs[i]) or 0)
       latest = math.max(latest, tonumber(e[2 * i]))
-      if freed >= need then return math.max(t0, latest + 0.000001) end
+      if freed >= need then return math.max(t0, latest + sp + 0.000001) end
     end
     from = from + 100
   end
-  return math.max(t0, latest + 0.000001)
+  return math.max(t0, latest + sp + 0.000001)
 end
 """
 
@@ -107,19 +106,19 @@ for i = 1, n do
              win = tonumber(ARGV[b + 5])}
   local blocked = num(s.key .. ':block', 0)
   if blocked > t0 then t0 = blocked; reason = 'blocked' end
-  if s.rL > 0 then s.tot_r = prune(s.key, 'r') end
-  if s.tL > 0 then s.tot_t = prune(s.key, 't') end
+  if s.rL > 0 then s.tot_r = prune(s.key, 'r', s.sp) end
+  if s.tL > 0 then s.tot_t = prune(s.key, 't', s.sp) end
   sc[i] = s
 end
 local start = t0
 for i = 1, n do
   local s = sc[i]
   if s.rL > 0 then
-    local e = wstart(s.key, 'r', s.tot_r, t0, 1, s.rL)
+    local e = wstart(s.key, 'r', s.tot_r, t0, 1, s.rL, s.sp)
     if e > start then start = e; reason = 'rpm' end
   end
   if s.tL > 0 then
-    local e = wstart(s.key, 't', s.tot_t, t0, cost, s.tL)
+    local e = wstart(s.key, 't', s.tot_t, t0, cost, s.tL, s.sp)
     if e > start then start = e; reason = 'tpm' end
   end
 end
@@ -140,11 +139,11 @@ if (not defer_only) and start - now <= horizon then
     local s = sc[i]
     local ttl = math.ceil(s.sp + horizon) + 5
     if s.rL > 0 then
-      redis.call('ZADD', s.key .. ':log:r', fmt(start + s.sp), holder)
+      redis.call('ZADD', s.key .. ':log:r', start, holder)
       redis.call('EXPIRE', s.key .. ':log:r', ttl)
     end
     if s.tL > 0 then
-      redis.call('ZADD', s.key .. ':log:t', fmt(start + s.sp), holder)
+      redis.call('ZADD', s.key .. ':log:t', start, holder)
       redis.call('HSET', s.key .. ':cost:t', holder, cost)
       redis.call('SET', s.key .. ':sum:t', fmt(s.tot_t + cost))
       for _, k in ipairs({':log:t', ':cost:t', ':sum:t'}) do
@@ -216,13 +215,6 @@ for i = 1, n do
   local b = (i - 1) * 4
   local key, tL, cmax = KEYS[i], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local blk, win = ARGV[b + 3] == '1', tonumber(ARGV[b + 4])
-  -- The answer is back: the provider counted the request by now, so it leaves by now + win.
-  for _, kind in ipairs({'r', 't'}) do
-    local leave = redis.call('ZSCORE', key .. ':log:' .. kind, holder)
-    if leave and tonumber(leave) > now + win then
-      redis.call('ZADD', key .. ':log:' .. kind, 'XX', fmt(now + win), holder)
-    end
-  end
   if tL > 0 and delta ~= 0 then
     local old = redis.call('HGET', key .. ':cost:t', holder)
     if old then

@@ -3,17 +3,13 @@ that wait for it. No I/O, no clock: every function takes `now`.
 
 **Admission: the provider's own window.** A provider (and our simulator) refuses a
 request when the last ``W`` seconds already hold ``L`` units, counted when the request
-*arrives*. A pool keeps the same log: each admitted request with the time it leaves the
-provider's window at the latest. A request arrives at most ``S`` (the safety margin:
-scheduling and network jitter) after its admission, and before its answer comes back,
-so it leaves by ``min(admitted + S, answered) + W``: ``admitted + W + S`` while the call
-is in flight, tightened when it settles (with a 50 ms provider the margin then costs
-50 ms, not ``S``). The pool admits a request when the entries that have not left yet
-plus the request stay within ``L``: a fresh pool spends the window's whole allowance at
-once, and then keeps pace as the window frees up. Strict, as long as requests reach the
-provider within ``S`` of their admission: every request the provider holds in a window
-is one the pool still counts. (A provider that counted a request when it *answers* it
-would need ``S`` above its latency.)
+*arrives*. A pool keeps the same log, of what it admitted and when, over a window of
+``W + S`` (``S``, the safety margin: how much later than our admission a request may
+reach the provider). It admits a request when that log plus the request stays within
+``L``: so a fresh pool spends the window's whole allowance at once, and then keeps
+pace exactly as the window frees up. Strict: a provider window ``(x - W, x]`` only holds
+requests we admitted in ``(x - W - S, x]``, which our check kept within ``L`` (take the
+latest admission ``t`` in it: all the others lie in ``(t - W - S, t]``).
 
 **Waiting: a shadow schedule.** Jobs that must wait longer than a worker sleeps are put
 back on the queue with a countdown. The countdown is the job's turn in a shadow schedule
@@ -136,33 +132,25 @@ class Pace:
         return self.span
 
 
-def window_start(leaves: Iterable[tuple[float, float]], total: float, t0: float, cost: float,
-                 limit: int) -> float:
+def window_start(entries: Iterable[tuple[float, float]], total: float, t0: float, cost: float,
+                 limit: int, span: float) -> float:
     """The earliest time ``>= t0`` at which ``cost`` more units keep the sliding window
-    within ``limit``, if nothing else is admitted meanwhile.
+    of ``span`` seconds within ``limit``, if nothing else is admitted meanwhile.
 
-    ``leaves`` are the admitted entries still in the window as ``(when it leaves, units)``,
-    about in leaving order; ``total`` their sum. They are walked in that order until enough
-    units would have left; the answer is when the latest of those leaves. A request bigger
-    than ``limit`` waits for an empty window.
+    ``entries`` are the admitted ``(time, units)`` in admission order (times ascending
+    but for a few granted slightly in the future), ``total`` their sum. The entries are
+    walked oldest first until enough units would have left; the answer is when the
+    latest of those leaves. A request bigger than ``limit`` waits for an empty window.
     """
     need = total + cost - limit
     if need <= 0:
         return t0
     freed, latest = 0.0, -math.inf
-    for leave, units in leaves:
+    for at, units in entries:
         freed += units
-        latest = max(latest, leave)
+        latest = max(latest, at)
         if freed >= need:
             break
-    # 1 us past the edge: the provider drops an entry exactly a window old, and clocks and
+    # 1 us past the edge: the provider drops an entry exactly `span` old, and clocks and
     # Redis keep microseconds, so at the edge float rounding could land on either side.
-    return max(t0, latest + EDGE_S)
-
-
-def leaves_at(admitted: float, span: float, settled: float | None, window: float) -> float:
-    """When an admitted request leaves the provider's window, at the latest: the provider
-    counted it on arrival, no later than ``admitted + safety margin`` (``span`` is the
-    window plus the margin) and no later than its answer came back (``settled``)."""
-    leave = admitted + span
-    return leave if settled is None else min(leave, settled + window)
+    return max(t0, latest + span + EDGE_S)
