@@ -642,3 +642,20 @@ def test_later_arrivals_than_the_margin_are_what_a_strict_provider_refuses() -> 
         now[0] = t
         refused += not provider.acquire([Limit("*", 8, None)], c).allowed
     assert refused >= 1
+
+
+def test_a_job_back_before_the_window_had_room_rejoins_instead_of_queueing_last() -> None:
+    clock = Clock()
+    be = MemoryBackend(clock)
+    s = [build_scope("p", "k", 10.0, 2, None, None, safety_s=0.0)]
+    for i in range(2):
+        assert be.acquire(s, Request(1, f"g{i}", 10.0)).kind == GRANTED
+    turns = [be.acquire(s, Request(1, f"d{i}", 10.0, job_key=f"j{i}:1")).wait_s
+             for i in range(6)]
+    assert [round(t, 3) for t in turns] == [10.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+    clock.sleep(15.0)  # j2 returns at its turn; the window (2 at 10 s) has no room till 20
+    for i in range(2):
+        assert be.acquire(s, Request(1, f"r{i}", 10.0, job_key=f"j{i}:1")).kind == GRANTED
+    again = be.acquire(s, Request(1, "x", 10.0, horizon_s=0.5, job_key="j2:1"))
+    assert again.kind == DEFER and round(again.wait_s, 3) == 10.0  # at the window's start,
+    # not behind j5's turn at 30 s

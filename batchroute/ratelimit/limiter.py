@@ -140,7 +140,8 @@ class Limiter:
         holder = f"{job.id}:{job.attempt_no}:{uuid.uuid4().hex[:8]}"
         ids = {"batch_id": job.batch_id, "job_id": job.id}
         req = Request(cost=cost, holder=holder, lease_s=provider.timeout_s + LEASE_GRACE_S,
-                      horizon_s=self.horizon_s, max_defer_s=self.max_defer_s)
+                      horizon_s=self.horizon_s, max_defer_s=self.max_defer_s,
+                      job_key=f"{job.id}:{job.attempt_no}")
         waited = 0.0
         while True:
             out = self.backend.acquire(scopes, req)
@@ -157,7 +158,7 @@ class Limiter:
                 waited += pause
                 if waited >= self.horizon_s:
                     req = Request(cost, holder, req.lease_s, req.horizon_s, req.max_defer_s,
-                                  defer_only=True)
+                                  defer_only=True, job_key=req.job_key)
                 continue
             if out.capped:
                 countdown = self.max_defer_s * (0.5 + 0.5 * self._rng())

@@ -23,6 +23,7 @@ from batchroute.ratelimit.schedule import (
     DEFER,
     GRANTED,
     RETRY,
+    TURN_KEPT_S,
     commit,
     earliest,
     window_start,
@@ -104,6 +105,7 @@ class MemoryBackend:
         self.clock = clock
         self._lock = threading.Lock()
         self._states: dict[str, _ScopeState] = {}
+        self._turned: dict[str, float] = {}  # job key -> when its shadow turn lapses
 
     def _state(self, scope: Scope) -> _ScopeState:
         return self._states.setdefault(scope.key, _ScopeState())
@@ -142,6 +144,13 @@ class MemoryBackend:
 
     def _defer(self, scopes: Sequence[Scope], states: list[_ScopeState], req: Request,
                now: float, start: float, reason: str) -> Outcome:
+        for k in [k for k, until in self._turned.items() if until <= now]:
+            del self._turned[k]
+        if req.job_key and req.job_key in self._turned:  # came back early: rejoin
+            for s, st in zip(scopes, states, strict=True):
+                st.count(now, s.window_s, d=1)
+            return Outcome(DEFER, start - now, reason or "concurrency", now,
+                           start - now > req.max_defer_s)
         vstart = start
         for s, st in zip(scopes, states, strict=True):
             for kind, rate, cost in limits_of(s, req.cost):
@@ -157,6 +166,8 @@ class MemoryBackend:
                     st.shadow["c"] = (max(st.shadow.get("c", 0.0), vstart)
                                       + (st.hold or 1.0) / s.max_concurrency)
             st.count(now, s.window_s, d=1)
+        if req.job_key and not capped:
+            self._turned[req.job_key] = vstart + TURN_KEPT_S
         return Outcome(DEFER, vstart - now, reason or "concurrency", now, capped)
 
     def settle(self, scopes: Sequence[Scope], holder: str, delta: int, started_at: float,

@@ -54,6 +54,10 @@ class Request:
     horizon_s: float = SLEEP_HORIZON_S
     max_defer_s: float = MAX_DEFER_S
     defer_only: bool = False  # the worker has waited long enough: queue it
+    # The job and attempt ("id:attempt"): a job that already got a turn in the shadow
+    # schedule and came back before the window had room rejoins at the window's start
+    # instead of queueing behind every job deferred since (which stretched the tail).
+    job_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchroute.ratelimit.pools import Outcome, Request, Scope, span, usage_dict
+from batchroute.ratelimit.schedule import TURN_KEPT_S
 
 # Shared Lua helpers. Numbers go back to Redis as strings: Redis truncates Lua numbers
 # to integers. Times are seconds on the Redis server's clock, stored with microseconds.
@@ -86,8 +87,8 @@ local function wstart(base, kind, total, t0, c, limit, sp)
 end
 """
 
-# KEYS: scope bases. ARGV: per scope (rLimit, tLimit, span, cmax, window), then
-# cost, holder, lease, horizon, max_defer, defer_only. A 0 limit/cmax = no limit.
+# KEYS: scope bases. ARGV: per scope (rLimit, tLimit, span, cmax, window), then cost,
+# holder, lease, horizon, max_defer, defer_only, job_key, turn_kept. 0 limit/cmax: none.
 _ACQUIRE = _LUA_COMMON + """
 local n = #KEYS
 local G = n * 5
@@ -97,6 +98,8 @@ local lease = tonumber(ARGV[G + 3])
 local horizon = tonumber(ARGV[G + 4])
 local max_defer = tonumber(ARGV[G + 5])
 local defer_only = ARGV[G + 6] == '1'
+local job_key = ARGV[G + 7]
+local turn_kept = tonumber(ARGV[G + 8])
 local sc = {}
 local t0, reason = now, ''
 for i = 1, n do
@@ -159,6 +162,15 @@ if (not defer_only) and start - now <= horizon then
   end
   return {'granted', fmt(start - now), reason, fmt(now), '0'}
 end
+if reason == '' then reason = 'concurrency' end
+-- Deferred again after its turn (it came back before the window had room): rejoin.
+local tkey = KEYS[1] .. ':turned:' .. job_key
+if job_key ~= '' and redis.call('EXISTS', tkey) == 1 then
+  for i = 1, n do count(sc[i].key, sc[i].win, 'd', 1) end
+  local c = '0'
+  if start - now > max_defer then c = '1' end
+  return {'defer', fmt(start - now), reason, fmt(now), c}
+end
 -- Deferred: find the job's turn in the shadow schedule (only deferred jobs advance it):
 -- a bucket of a window's allowance refilled at limit / span.
 local vstart = start
@@ -196,9 +208,11 @@ for i = 1, n do
   end
   count(s.key, s.win, 'd', 1)
 end
-if reason == '' then reason = 'concurrency' end
 local c = '0'
 if capped then c = '1' end
+if job_key ~= '' and not capped then
+  redis.call('SET', tkey, '1', 'EX', math.ceil(vstart - now + turn_kept))
+end
 return {'defer', fmt(vstart - now), reason, fmt(now), c}
 """
 
@@ -284,7 +298,8 @@ class RedisBackend:
                      _f(span(rate) if rate else s.window_s), str(s.max_concurrency or 0),
                      _f(s.window_s)]
         args += [str(req.cost), req.holder, _f(req.lease_s), _f(req.horizon_s),
-                 _f(req.max_defer_s), "1" if req.defer_only else "0"]
+                 _f(req.max_defer_s), "1" if req.defer_only else "0", req.job_key,
+                 _f(TURN_KEPT_S)]
         kind, wait, reason, now, capped = (
             x.decode() if isinstance(x, bytes) else str(x)
             for x in self._acquire(keys=[s.key for s in scopes], args=args))

@@ -45,6 +45,8 @@ MIN_POLL_S, MAX_POLL_S = 0.02, 0.25
 """Bounds of the in-worker wait between concurrency checks."""
 
 GRANTED, RETRY, DEFER = "granted", "retry", "defer"
+TURN_KEPT_S = 60.0
+"""How long after its turn a deferred job that comes back too early rejoins at once."""
 
 
 EDGE_S = 1e-6
