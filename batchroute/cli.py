@@ -114,10 +114,14 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
 @click.option("--fail-on-failed", is_flag=True,
               help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
                    "either way).")
+@click.option("--deadline", "deadline", default="24h", show_default=True,
+              callback=lambda _c, _p, v: _duration(v),
+              help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
+                   "failing; transient errors never fail a job before it.")
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
         concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
-        fail_on_failed: bool) -> None:
+        fail_on_failed: bool, deadline: float) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
     from batchroute.ingest import BatchInputError
@@ -139,7 +143,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         try:
             outcome = run_file(file, output, errors, obj.config, concurrency=concurrency,
                                on_ingested=ingested, on_progress=advance, strict=strict,
-                               budget_usd=budget_usd)
+                               budget_usd=budget_usd, deadline_s=deadline)
         except (ConfigError, BatchInputError) as e:
             raise click.ClickException(str(e)) from None
     if report_json:
@@ -156,6 +160,15 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         if line:
             console.print(f"[yellow]{line}[/yellow]", highlight=False)
     sys.exit(exit_code(int(outcome.report.get("failed") or 0), fail_on_failed))
+
+
+def _duration(value: str) -> float:
+    from batchroute.waiting import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
@@ -175,9 +188,13 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
                    "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
+@click.option("--deadline", "deadline", default="24h", show_default=True,
+              callback=lambda _c, _p, v: _duration(v),
+              help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
+                   "failing; transient errors never fail a job before it.")
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
-           budget_usd: float | None) -> None:
+           budget_usd: float | None, deadline: float) -> None:
     """Store FILE's jobs and put them on the queues; prints the batch id.
 
     Submitting the same file again finds the same batch and adds nothing twice.
@@ -194,7 +211,7 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             bar = progress.add_task("submitting", total=count_lines(file), detail="")
             result = ingest_file(obj.config, store, CeleryDispatcher(), file, name,
                                  progress=lambda n: progress.advance(bar, n), strict=strict,
-                                 budget_usd=budget_usd)
+                                 budget_usd=budget_usd, deadline_s=deadline)
     except BatchInputError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, OperationalError) as e:  # broker down

@@ -36,7 +36,8 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
              store: Store | None = None, concurrency: int = 16,
              on_ingested: Callable[[IngestResult], None] | None = None,
              on_progress: Callable[[dict[str, int]], None] | None = None,
-             strict: bool = False, budget_usd: float | None = None) -> RunOutcome:
+             strict: bool = False, budget_usd: float | None = None,
+             deadline_s: float | None = None) -> RunOutcome:
     config = config or load_config()
     check_api_keys(config)
     store = store or Store()
@@ -44,7 +45,8 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
     rt = Runtime(config, store, dispatcher)
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
     try:
-        ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd)
+        ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd,
+                             deadline_s=deadline_s)
         # Nobody else works on this batch: jobs an interrupted run left "running" (and jobs
         # cancelled) run again, at a new attempt number so the ledger keeps the old one.
         reclaim_for_local_run(store, config, ingest.batch_id)

@@ -345,14 +345,15 @@ def ingest_workers(path: Path) -> int:
 def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, path: Path,
                 name: str | None = None,
                 progress: Callable[[int], None] | None = None,
-                strict: bool = False, budget_usd: float | None = None) -> IngestResult:
+                strict: bool = False, budget_usd: float | None = None,
+                deadline_s: float | None = None) -> IngestResult:
     """Store (and publish) a file's jobs; raises BatchInputError, before storing anything,
     for a file that cannot be taken at all (or, with `strict`, has any bad line)."""
     check_file(path)
     if strict:
         check_lines(config, path)
     batch_id = file_batch_id(path)
-    store.ensure_batch(batch_id, name or path.name, str(path), budget_usd)
+    store.ensure_batch(batch_id, name or path.name, str(path), budget_usd, deadline_s)
     result = ingest_lines(config, store, dispatcher, batch_id, _lines(path), progress,
                           workers=ingest_workers(path))
     store.update_batch(batch_id, total_lines=result.lines, error_lines=result.problem_count,

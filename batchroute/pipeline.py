@@ -17,13 +17,15 @@ from typing import Any
 
 import structlog
 
-from batchroute import billing, consensus, policy, pricing
+from batchroute import billing, consensus, policy, pricing, waiting
 from batchroute.adaptive import cascade_start
 from batchroute.budget import BudgetRefused
 from batchroute.completion import Completion, Usage
 from batchroute.config import ModelConfig
 from batchroute.policy import Action, Decision, Position
 from batchroute.providers import ProviderError, call
+from batchroute.providers.base import ErrorKind
+from batchroute.providers.retry_after import capped
 from batchroute.ratelimit import Grant
 from batchroute.router import pick_model
 from batchroute.runtime import Runtime
@@ -195,8 +197,11 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     else:
         assert error is not None
         verdicts = []
+        # A provider's Retry-After never outlasts the batch's deadline.
+        wait = capped(error.retry_after,
+                      waiting.batch_deadline(rt.store, job.batch_id) - time.time())
         decision = policy.after_error(_position(rt, job, model, error=True), error.kind,
-                                      error.message, error.retry_after)
+                                      error.message, wait)
     # Built once, complete: model_construct skips validation (~50 µs), the values are ours.
     attempt = Attempt.model_construct(**row)
     jlog.info("attempt", outcome=attempt.outcome, action=decision.action.value,
@@ -230,36 +235,53 @@ def _choose_model(rt: Runtime, job: Job) -> ModelConfig | None:
 
 def _feed_breaker(rt: Runtime, model: ModelConfig, error: ProviderError | None,
                   jlog: Any) -> None:
+    """A 429 is not a health signal (the rate-limit pool slows down for it instead), so
+    only successes and the errors that say the model is unwell reach the breaker."""
     if error is None:
         rt.breakers.record(model.name, True)
-    elif error.kind in policy.TRANSIENT and rt.breakers.record(model.name, False):
-        jlog.warning("breaker_opened", cooldown_s=rt.config.breaker.cooldown_s,
+    elif (error.kind in policy.TRANSIENT and error.kind is not ErrorKind.RATE_LIMITED
+          and rt.breakers.record(model.name, False)):
+        jlog.warning("breaker_opened", retry_in_s=round(rt.breakers.retry_in(model.name), 1),
                      last_error=error.kind.value)
 
 
 def _no_model_now(rt: Runtime, job: Job, writes: Writes) -> str:
-    """Every model of the job's tier is cooling down: wait for a probe to close one, a
-    bounded number of times, then let the next tier up take the job."""
+    """Every model of the job's tier is cooling down: wait (until the batch deadline, with
+    no higher tier) for a breaker to let calls through again, or let the next tier take
+    the job. See `batchroute.waiting`."""
     waited = int(job.options.get("deferrals", 0))
-    options = dict(job.options) | {"deferrals": waited + 1}
-    if waited < policy.MAX_DEFERRALS:
-        delay = min(rt.config.breaker.cooldown_s, policy.DEFER_CAP_S)
-        if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options):
-            rt.dispatcher.enqueue(job.id, job.attempt_no,
-                                  rt.config.providers[job.provider].queue, delay)
-        return "deferred"
+    now = time.time()
+    since = float(job.options.get("waiting_since", now))
     exclude = set(job.options.get("exclude", []))
+    higher: tuple[int, ModelConfig] | None = None
     for index in range(job.tier_index + 1, len(job.ladder)):
         m = _available(rt, job.ladder[index], job.options.get("pin"), exclude)
         if m is not None:
-            if rt.store.transition(job.id, job.attempt_no, state=QUEUED, tier_index=index,
-                                   tier=m.tier, model=m.name, provider=m.provider,
-                                   options=options | {"deferrals": 0}):
-                rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[m.provider].queue)
-            return "escalated_past_outage"
-    return _finish_failed(rt, writes, job, "no_model_available",
-                          f"every model of tiers {job.ladder[job.tier_index:]} stayed in "
-                          f"cooldown after {waited} waits")
+            higher = (index, m)
+            break
+    tier_models = [m.name for m in rt.config.models_at(job.tier)]
+    retry_in = min((rt.breakers.retry_in(n) for n in tier_models), default=0.0)
+    deadline = waiting.batch_deadline(rt.store, job.batch_id)
+    wait = waiting.when_no_model(now, deadline, retry_in, waited, since, higher is not None,
+                                 rt.config.breaker.cooldown_s)
+    options = dict(job.options) | {"deferrals": waited + 1, "waiting_since": since}
+    if wait.action == "defer":
+        if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options):
+            rt.dispatcher.enqueue(job.id, job.attempt_no,
+                                  rt.config.providers[job.provider].queue, wait.delay_s)
+        return "deferred"
+    if wait.action == "escalate" and higher is not None:
+        index, m = higher
+        options = {k: v for k, v in options.items() if k not in ("deferrals", "waiting_since")}
+        if rt.store.transition(job.id, job.attempt_no, state=QUEUED, tier_index=index,
+                               tier=m.tier, model=m.name, provider=m.provider,
+                               options=options):
+            rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[m.provider].queue)
+        return "escalated_past_outage"
+    return _finish_failed(rt, writes, job, wait.code or "no_model_available",
+                          f"every model of tiers {job.ladder[job.tier_index:]} stayed down "
+                          f"until the batch deadline ({round(now - since)} s waited, "
+                          f"{waited} deferrals)")
 
 
 def _max_out(body: dict[str, Any]) -> int:
@@ -327,10 +349,14 @@ def _position(rt: Runtime, job: Job, model: ModelConfig, error: bool = False) ->
             consecutive += 1
     exclude = set(job.options.get("exclude", [])) | {model.name}
     failover = pick_model(rt.config, job.tier, job.options.get("pin"), exclude) is not None
+    # Nowhere else to go: a transient error is then waited out, until the batch deadline.
+    can_wait = (error and not failover and job.tier_index + 1 >= len(job.ladder)
+                and time.time() < waiting.batch_deadline(rt.store, job.batch_id))
     return Position(tier_index=job.tier_index, ladder_len=len(job.ladder),
                     attempt_no=job.attempt_no,
                     consecutive_errors=consecutive, has_failover=failover,
-                    max_retries=rt.config.provider_of(model).max_retries)
+                    max_retries=rt.config.provider_of(model).max_retries,
+                    can_wait=can_wait)
 
 
 def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: Attempt,
@@ -351,7 +377,8 @@ def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: A
                               verdict_rows, attempt, model=model.name, provider=model.provider,
                               provider_response=provider_response)
 
-    options = dict(job.options)
+    # A call was made: a later wait for a breaker starts its own count.
+    options = {k: v for k, v in job.options.items() if k not in ("deferrals", "waiting_since")}
     tier_index, escalations = job.tier_index, list(job.escalations)
     exclude = set(options.get("exclude", []))
     if decision.action is Action.FAILOVER:

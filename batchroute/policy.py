@@ -18,10 +18,11 @@ from batchroute.providers.base import ErrorKind
 MAX_ATTEMPTS_PER_JOB = 12
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
-# While every model of a tier is cooling down (circuit breakers open), a job waits
-# for a probe to close one; after this many waits the next tier takes it instead.
-MAX_DEFERRALS = 20
-DEFER_CAP_S = 5.0
+# Retries past max_retries while a job waits out transient errors (Position.can_wait)
+# back off at most this many doublings (0.5 s, 1 s, 2 s).
+WAIT_BACKOFF_STEPS = 3
+# While every model of a tier is cooling down (circuit breakers open), a job waits: see
+# batchroute.waiting (until the batch deadline, or until the next tier takes it).
 # The longest single wait a provider's Retry-After can impose: `Retry-After: 999999999`
 # made a job wait 31 years. Past this, the retry (and later failover) comes sooner.
 MAX_RETRY_WAIT_S = 300.0
@@ -55,6 +56,9 @@ class Position:
     consecutive_errors: int  # trailing provider errors on the current model, this one included
     has_failover: bool  # another model of this tier is available
     max_retries: int = 2
+    # No equivalent model, no higher tier and the batch deadline not reached: transient
+    # errors are waited out (retried with backoff) instead of failing the job.
+    can_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,13 @@ def after_error(pos: Position, kind: ErrorKind, message: str,
                         error_code="attempts_exhausted")
     if kind in TRANSIENT and pos.consecutive_errors <= pos.max_retries:
         return Decision(Action.RETRY, reason, delay_s=backoff(pos.consecutive_errors, retry_after))
+    if kind in TRANSIENT and pos.can_wait:
+        # Waiting out transient errors on a model that answers most calls (else its breaker
+        # would be open): failures are then independent draws, and a longer backoff only
+        # stretches the batch's tail. Overload is the breaker's and the pools' business.
+        return Decision(Action.RETRY, reason,
+                        delay_s=backoff(min(pos.consecutive_errors, WAIT_BACKOFF_STEPS),
+                                        retry_after))
     if pos.has_failover:
         return Decision(Action.FAILOVER, reason, exclude_current=True)
     return _move_up(pos, reason, kind.value if kind in MOVE_ON else "provider_error")

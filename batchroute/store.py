@@ -73,6 +73,8 @@ class Batch(SQLModel, table=True):
     error_lines: int = 0
     state: str = "ingesting"
     budget_usd: float | None = None  # None: the config's [budget] batch_usd, if any
+    # Until when its jobs may wait out outages (batchroute.waiting); None: created + 24 h.
+    deadline_at: datetime | None = None
 
 
 class Job(SQLModel, table=True):
@@ -369,17 +371,23 @@ class Store:
 
     # ---- batches -------------------------------------------------------------------------
     def ensure_batch(self, batch_id: str, name: str, source: str,
-                     budget_usd: float | None = None) -> Batch:
+                     budget_usd: float | None = None, deadline_s: float | None = None) -> Batch:
         """The batch row, created if new; a given budget replaces the batch's (raise it and
-        resume to finish jobs that ended `budget_exhausted`)."""
+        resume to finish jobs that ended `budget_exhausted`), a given deadline (seconds from
+        now) replaces its deadline."""
+        deadline = utcnow() + timedelta(seconds=deadline_s) if deadline_s else None
         with self.session() as s:
             batch = s.get(Batch, batch_id)
             if batch is None:
-                batch = Batch(id=batch_id, name=name, source=source, budget_usd=budget_usd)
+                batch = Batch(id=batch_id, name=name, source=source, budget_usd=budget_usd,
+                              deadline_at=deadline)
                 s.add(batch)
                 s.commit()
-            elif budget_usd is not None and batch.budget_usd != budget_usd:
-                batch.budget_usd = budget_usd
+            elif (budget_usd is not None and batch.budget_usd != budget_usd) or deadline:
+                if budget_usd is not None:
+                    batch.budget_usd = budget_usd
+                if deadline:
+                    batch.deadline_at = deadline
                 s.add(batch)
                 s.commit()
             return batch

@@ -52,7 +52,8 @@ def make_config(sim: SimServer, timeout_s: float = 5.0, **breaker: float) -> Con
         },
         "tasks": {"default": {"ladder": [1, 2], "validators": [{"type": "non_empty"},
                                                                {"type": "finish_reason"}]}},
-        "breaker": {"failures": 3, "window_s": 30, "cooldown_s": 1.0, **breaker},
+        "breaker": {"failures": 3, "window_s": 30, "cooldown_s": 1.0, "half_open_calls": 2,
+                    **breaker},
     })
 
 
@@ -204,9 +205,9 @@ def test_breaker_probes_and_closes_after_the_cooldown(sim: SimServer, harness: H
     assert harness.rt.breakers.snapshot()["a-small"]["state"] != "closed"
     sim.set_model("a-small", SimModel())
     time.sleep(1.1)  # cooldown_s = 1
-    (job_id,) = harness.run()
-    job = harness.store.get_job(job_id)
-    assert job is not None and job.model == "a-small" and job.state == "succeeded"
+    for job_id in harness.run(n=2):  # the two trial calls (half_open_calls = 2) close it
+        job = harness.store.get_job(job_id)
+        assert job is not None and job.model == "a-small" and job.state == "succeeded"
     assert harness.rt.breakers.snapshot()["a-small"]["state"] == "closed"
 
 
@@ -250,12 +251,17 @@ def test_bad_output_classes_escalate(sim: SimServer, harness: Harness) -> None:
 
 
 def test_unreadable_replies_are_retried_and_bounded(sim: SimServer, harness: Harness) -> None:
+    """Every model broken: the job waits it out until the batch deadline, then fails."""
     for m in ("a-small", "b-small", "a-large"):
         sim.set_model(m, SimModel(malformed_rate=1.0))
+    harness.store.ensure_batch("t", "t", "test", deadline_s=2.0)
+    started = time.monotonic()
     (job_id,) = harness.run()
     job = harness.store.get_job(job_id)
     assert job is not None and job.state == "failed"
-    assert job.error is not None and job.error["code"] in ("provider_error", "no_model_available")
+    assert time.monotonic() - started >= 2.0 - 0.1  # not before the deadline
+    assert job.error is not None and job.error["code"] in (
+        "provider_error", "deadline_exceeded"), job.error
     assert len(harness.store.job_attempts(job_id)) <= 12
 
 
@@ -324,7 +330,7 @@ def _only_batch(store: Store) -> str:
 
 
 def test_breaker_config_parses() -> None:
-    assert BreakerConfig.from_dict({"failures": "4", "cooldown_s": 2}).failures == 4
+    assert BreakerConfig.from_dict({"failures": "4", "cooldown_s": 2}).min_calls == 4
 
 
 def test_bad_key_fails_the_job_at_once(sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -202,8 +202,10 @@ def _job(corpus: dict[str, Any], case: str) -> tuple[Any, list[Any]]:
 def test_run_exits_0_in_bounded_time(corpus: dict[str, Any]) -> None:
     res = corpus["res"]
     assert res.exit_code == 0, (res.output, res.exception)
-    # Trickles are cut at 2 s, retries wait at most RETRY_CAP_S: nothing waits for 20 s.
-    assert corpus["elapsed"] < 15, corpus["elapsed"]
+    # Trickles are cut at 2 s, a Retry-After waits at most RETRY_CAP_S, and an error on the
+    # only model is retried with a short backoff (at most 2 s) up to the attempt cap: nothing
+    # waits for a provider's 31 years, nor for minutes.
+    assert corpus["elapsed"] < 90, corpus["elapsed"]
     assert len(EXPECTED) >= 25
 
 
@@ -336,13 +338,18 @@ def test_celery_workers_record_the_cause_of_every_hostile_reply(
     batch_id = json.loads(res.stdout)["batch_id"]
     store = Store()
     wait_for(lambda: sum(store.state_counts(batch_id).get(s, 0) for s in FINISHED)
-             >= len(CELERY_CASES), 60, "the batch; worker log:\n" + worker.log()[-3000:])
+             >= len(CELERY_CASES), 120, "the batch; worker log:\n" + worker.log()[-3000:])
     jobs = {j.custom_id: j for j in store.iter_jobs(batch_id)}
     for case in CELERY_CASES:
         state, detail = EXPECTED[case]
         attempts = store.job_attempts(jobs[case].id)
         assert jobs[case].state == state, (case, jobs[case].error)
-        assert [a.outcome for a in attempts] in (["ok"], ["error"]), (case, attempts)
+        # An error on the only model is waited out (#14): retried, never more than the
+        # per-job attempt cap, each attempt naming the same kind.
+        outcomes = {a.outcome for a in attempts}
+        assert outcomes in ({"ok"}, {"error"}) and len(attempts) <= policy.MAX_ATTEMPTS_PER_JOB, (
+            case, attempts)
+        assert len(attempts) == 1 or outcomes == {"error"}
         a = attempts[0]
         assert a.error_kind == detail or (a.flags or "") == (detail or ""), (case, a)
         assert a.cost_usd >= 0

@@ -118,7 +118,7 @@ def test_a_batch_budget_is_read_once_then_trusted_only_to_accept() -> None:
 
 def test_a_closed_breaker_is_remembered_briefly(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    cfg = BreakerConfig(failures=2, window_s=30, cooldown_s=30)
+    cfg = BreakerConfig(min_calls=2, window_s=30, cooldown_s=30)
     here = RedisBreakers(r, cfg, closed_ttl_s=0.3)
     elsewhere = RedisBreakers(r, cfg, closed_ttl_s=0.0)  # another worker, no memory
     key = f"hot-path-{time.time_ns()}"

@@ -49,3 +49,16 @@ def test_attempts_are_bounded() -> None:
     d = after_error(pos(attempt_no=MAX_ATTEMPTS_PER_JOB), ErrorKind.OVERLOADED, "x")
     assert d.action is Action.FAIL
     assert d.error_code == "attempts_exhausted"
+
+
+def test_with_nowhere_else_to_go_transient_errors_are_waited_out_with_a_short_backoff() -> None:
+    last = pos(tier_index=2, consecutive_errors=7, attempt_no=8, can_wait=True)
+    d = after_error(last, ErrorKind.OVERLOADED, "503")
+    assert d.action is Action.RETRY and d.delay_s <= 2.0  # not 30 s: the model answers
+    assert after_error(last, ErrorKind.RATE_LIMITED, "429", retry_after=5).delay_s >= 5
+    # past the deadline (can_wait False) it ends as before; fatal errors never wait
+    assert after_error(pos(tier_index=2, consecutive_errors=7), ErrorKind.OVERLOADED,
+                       "503").action is Action.FAIL
+    assert after_error(last, ErrorKind.AUTH, "bad key").action is Action.FAIL
+    assert after_error(pos(tier_index=2, attempt_no=MAX_ATTEMPTS_PER_JOB, can_wait=True),
+                       ErrorKind.OVERLOADED, "503").action is Action.FAIL  # still bounded

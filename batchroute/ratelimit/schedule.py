@@ -1,0 +1,158 @@
+"""The pure arithmetic of the pools: the provider's sliding window, and the pacing of jobs
+that wait for it. No I/O, no clock: every function takes `now`.
+
+**Admission: the provider's own window.** A provider (and our simulator) refuses a
+request when the last ``W`` seconds already hold ``L`` units, counted when the request
+*arrives*. A pool keeps the same log, of what it admitted and when, over a window of
+``W + S`` (``S``, the safety margin: how much later than our admission a request may
+reach the provider). It admits a request when that log plus the request stays within
+``L``: so a fresh pool spends the window's whole allowance at once, and then keeps
+pace exactly as the window frees up. Strict: a provider window ``(x - W, x]`` only holds
+requests we admitted in ``(x - W - S, x]``, which our check kept within ``L`` (take the
+latest admission ``t`` in it: all the others lie in ``(t - W - S, t]``).
+
+**Waiting: a shadow schedule.** Jobs that must wait longer than a worker sleeps are put
+back on the queue with a countdown. The countdown is the job's turn in a shadow schedule
+that only waiting jobs advance: a bucket of a whole window's allowance refilled at
+``L / (W + S)``, starting when the real window frees up. So a crowd of waiting jobs comes
+back spread over their turns, a window's worth at a time, instead of all at once.
+
+(``Rate``, ``earliest`` and ``commit`` are the GCRA both use for the shadow schedule.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+KEY_PREFIX = "batchroute:rl:"
+DEFAULT_SAFETY_S = 0.5
+"""Margin for the delay between our admission and the provider counting the request."""
+SLEEP_HORIZON_S = 1.0
+"""Longest wait a worker sleeps through; longer waits put the job back on the queue."""
+MAX_DEFER_S = 300.0
+"""Longest countdown of a re-published job: well under the 3600 s visibility timeout."""
+TOKEN_BURST_FRACTION = 1 / 60
+"""Token bucket size as a share of tpm (see the module docstring)."""
+LEASE_GRACE_S = 30.0
+"""A concurrency slot's lease is the provider timeout plus this."""
+DEFAULT_BLOCK_S = 1.0
+"""How long a 429 without a retry-after blocks its pool."""
+MAX_BLOCK_S = 60.0
+MIN_POLL_S, MAX_POLL_S = 0.02, 0.25
+"""Bounds of the in-worker wait between concurrency checks."""
+
+GRANTED, RETRY, DEFER = "granted", "retry", "defer"
+TURN_KEPT_S = 60.0
+"""How long after its turn a deferred job that comes back too early rejoins at once."""
+
+
+EDGE_S = 1e-6
+
+
+class Schedule(Protocol):
+    @property
+    def interval(self) -> float: ...
+
+    @property
+    def tolerance(self) -> float: ...
+
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``limit`` units per ``window_s`` as GCRA parameters, strict under a sliding window
+    whose requests arrive up to ``safety_s`` late (module docstring)."""
+
+    limit: int
+    window_s: float = 60.0
+    burst: int = 1
+    safety_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if not 1 <= self.burst <= self.limit:
+            raise ValueError(f"burst must be within 1..{self.limit}, got {self.burst}")
+        if self.window_s <= 0 or self.safety_s < 0:
+            raise ValueError("window_s must be > 0 and safety_s >= 0")
+
+    @property
+    def interval(self) -> float:
+        """Seconds of schedule one unit occupies."""
+        return (self.window_s + self.safety_s) / (self.limit + 1 - self.burst)
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of now the schedule may run: a full bucket of ``burst`` units."""
+        return self.burst * self.interval
+
+
+def earliest(tat: float, now: float, cost: float, rate: Schedule) -> float:
+    """When a request of ``cost`` units may start, given the theoretical arrival time
+    ``tat`` of the schedule. A request bigger than the bucket starts on a full bucket."""
+    tol = max(rate.tolerance, cost * rate.interval)
+    return max(now, tat + cost * rate.interval - tol)
+
+
+def commit(tat: float, start: float, cost: float, rate: Schedule) -> float:
+    """The schedule after admitting ``cost`` units at ``start``."""
+    return max(tat, start) + cost * rate.interval
+
+
+def adjust(tat: float, delta: float, rate: Schedule) -> float:
+    """The schedule after a reservation turned out ``delta`` units too small (or large)."""
+    return tat + delta * rate.interval
+
+
+def available(tat: float, now: float, rate: Schedule) -> float:
+    """Units that could start right now (the bucket's level)."""
+    return max(0.0, (rate.tolerance - max(0.0, tat - now)) / rate.interval)
+
+
+def token_burst(tpm: int, fraction: float = TOKEN_BURST_FRACTION) -> int:
+    return max(1, min(tpm, math.ceil(tpm * fraction)))
+
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The shadow schedule of a limit: a bucket of ``limit`` units (a whole window's
+    allowance) refilled at ``limit / span``."""
+
+    limit: int
+    span: float
+
+    @property
+    def interval(self) -> float:
+        return self.span / self.limit
+
+    @property
+    def tolerance(self) -> float:
+        return self.span
+
+
+def window_start(entries: Iterable[tuple[float, float]], total: float, t0: float, cost: float,
+                 limit: int, span: float) -> float:
+    """The earliest time ``>= t0`` at which ``cost`` more units keep the sliding window
+    of ``span`` seconds within ``limit``, if nothing else is admitted meanwhile.
+
+    ``entries`` are the admitted ``(time, units)`` in admission order (times ascending
+    but for a few granted slightly in the future), ``total`` their sum. The entries are
+    walked oldest first until enough units would have left; the answer is when the
+    latest of those leaves. A request bigger than ``limit`` waits for an empty window.
+    """
+    need = total + cost - limit
+    if need <= 0:
+        return t0
+    freed, latest = 0.0, -math.inf
+    for at, units in entries:
+        freed += units
+        latest = max(latest, at)
+        if freed >= need:
+            break
+    # 1 us past the edge: the provider drops an entry exactly `span` old, and clocks and
+    # Redis keep microseconds, so at the edge float rounding could land on either side.
+    return max(t0, latest + span + EDGE_S)
