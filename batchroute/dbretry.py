@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy import exc as sa_exc
 
-from batchroute.store import Store
+from batchroute.store import Attempt, Store
 
 log = structlog.get_logger("batchroute.dbretry")
 
@@ -120,17 +120,36 @@ class ResilientStore(Store):
     retried through a database outage (the claim itself is not: the task re-publishes
     instead, see `retry_task`)."""
 
-    def transition(self, *args: Any, **kwargs: Any) -> Any:
-        return with_retry(super().transition, *args, what="transition", **kwargs)
+    def transition(self, job_id: str, from_attempt: int, attempt: Attempt | None = None,
+                   **values: Any) -> bool:
+        """`Store.transition`, retried. A try that failed may still have committed (the
+        connection died with the reply on its way): then the retry's guard fails, and
+        the job found where this move puts it counts as moved, so the caller publishes
+        the next message (were it another's doing, e.g. the sweeper's, the message is a
+        harmless duplicate; a move lost here would strand the job until the sweeper)."""
+        tries = 0
+
+        def once() -> bool:
+            nonlocal tries
+            tries += 1
+            return Store.transition(self, job_id, from_attempt, attempt, **values)
+
+        moved = with_retry(once, what="transition")
+        if moved or tries == 1:
+            return moved
+        return self.landed(job_id, from_attempt, values)
+
+    def landed(self, job_id: str, from_attempt: int, values: dict[str, Any]) -> bool:
+        """Whether the job is where a transition with `values` from `from_attempt` puts it."""
+        job = self.get_job(job_id)
+        return (job is not None and "state" in values and job.state == values["state"]
+                and job.attempt_no == values.get("attempt_no", from_attempt))
 
     def transition_many(self, *args: Any, **kwargs: Any) -> Any:
         return with_retry(super().transition_many, *args, what="transition_many", **kwargs)
 
     def record_attempt(self, *args: Any, **kwargs: Any) -> Any:
         return with_retry(super().record_attempt, *args, what="record_attempt", **kwargs)
-
-    def put_back(self, *args: Any, **kwargs: Any) -> Any:
-        return with_retry(super().put_back, *args, what="put_back", **kwargs)
 
     def get_job(self, *args: Any, **kwargs: Any) -> Any:
         return with_retry(super().get_job, *args, what="get_job", **kwargs)

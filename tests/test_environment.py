@@ -351,3 +351,24 @@ def test_engines_are_reset_in_a_forked_child(db_url: str) -> None:
     os.waitpid(pid, 0)
     engine_url(db_url)  # the parent's engine is untouched
     assert engine.pool is parent_pool
+
+
+def test_a_retried_move_whose_first_try_committed_counts_as_moved(db_url: str) -> None:
+    """The first try committed but its reply was lost: the retry's guard fails, and the
+    store is asked where the job is (so the next message is still published)."""
+    from batchroute import Client
+    from batchroute.config import load_config
+    from batchroute.store import QUEUED, SUCCEEDED
+
+    from .test_recovery import Recorder
+
+    store = dbretry.ResilientStore(get_engine(db_url))
+    handle = Client(load_config(), store, Recorder()).enqueue(
+        messages=[{"role": "user", "content": "hi"}])
+    assert store.claim(handle.job_id, 1) is not None
+    move: dict[str, Any] = {"state": QUEUED, "attempt_no": 2}
+    assert store.transition(handle.job_id, 1, **move)  # the try that committed
+    assert not Store.transition(store, handle.job_id, 1, **move)  # its retry: guard fails
+    assert store.landed(handle.job_id, 1, move)
+    assert not store.landed(handle.job_id, 1, {"state": SUCCEEDED})
+    assert not store.landed(handle.job_id, 1, {"state": QUEUED, "attempt_no": 3})
