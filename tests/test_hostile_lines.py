@@ -293,3 +293,13 @@ def test_a_stored_spec_that_no_longer_builds_fails_the_answer_instead_of_the_wor
     assert "no backreferences" in failure_reason(verdicts)
     assert [v.ok for v in run_validators(build_for_run([{"type": "regex", "pattern": "a"}]),
                                          _completion("aa"))] == [True]
+
+
+def test_estimate_reports_every_hostile_line_instead_of_aborting(tmp_path: Path) -> None:
+    """A 100-level schema or tools array used to abort estimate with RecursionError."""
+    src = tmp_path / "hostile.jsonl"
+    corpus_file(src)
+    res = CliRunner().invoke(main, ["estimate", str(src), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    data = json.loads(res.stdout)
+    assert (data["jobs"], data["bad_lines"]) == (len(HOSTILE) + 1, len(HOSTILE))
