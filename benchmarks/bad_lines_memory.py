@@ -42,12 +42,14 @@ def bad_line(i: int) -> bytes:
     if kind == 1:
         return b'{"body": {"messages": []}}'
     if kind == 2:
-        return b'{"custom_id": "r%d", "body": {"messages": [{"role": "robot", "content": "x"}]}}' % i
+        return (b'{"custom_id": "r%d", "body": {"messages": [{"role": "robot", '
+                b'"content": "x"}]}}' % i)
     if kind == 3:
         return (b'{"custom_id": "k%d", "body": {"messages": [{"role": "user", "content": "x"}]},'
                 b' "batchroute": {"task": "poetry"}}' % i)
     if kind == 4:
-        return b'{"custom_id": "z%d", "body": {"messages": [{"role": "user", "content": "a\\u0000"}]}}' % i
+        return (b'{"custom_id": "z%d", "body": {"messages": [{"role": "user", '
+                b'"content": "a\\u0000"}]}}' % i)
     if kind == 5:
         return (b'{"custom_id": "p%d", "body": {"messages": [{"role": "user", "content": "x"}]},'
                 b' "batchroute": {"validators": [{"type": "regex", "pattern": "(a+)\\\\1"}]}}' % i)

@@ -36,7 +36,7 @@ from batchroute.store import Store, get_engine
 from batchroute.validators import ValidatorError, build_validators
 
 from .badinput_lines import HOSTILE, body, line, nul, schema_check
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 from .test_badinput import CASES
 
 CONFIG = load_config()
@@ -130,8 +130,15 @@ def test_submit_status_and_resume_store_the_rest_around_nul_and_giant_custom_ids
 def test_a_backtracking_pattern_leaves_the_worker_answering_ping(start_worker,
                                                                   redis_url: str) -> None:
     """`(a+)+$` against 40 a's and a "!" takes Python's re about 2^40 steps, holding the
-    GIL: the worker used to stop answering pings. On RE2 the check is instant."""
+    GIL: the worker used to stop answering pings, and the job never ended. On RE2 the
+    check is instant: the job ends (validation_failed, nothing matches) within seconds of
+    reaching a ready worker, and `celery inspect ping` answers."""
+    from celery import Celery
+
     worker = start_worker(concurrency=4)
+    control = Celery(broker=redis_url).control
+    wait_for(lambda: bool(control.ping(timeout=1.0)), 120,
+             f"the worker to answer pings; log:\n{worker.log()[-2000:]}")
     run = "a" * 40 + "!"
     client = Client.from_env()
     started = time.monotonic()
@@ -139,14 +146,15 @@ def test_a_backtracking_pattern_leaves_the_worker_answering_ping(start_worker,
         messages=[{"role": "user", "content": f"Answer with one of: {run}, no.\n"
                                               f"Expected: {run}"}],
         task="classify", validators=[{"type": "regex", "pattern": "(a+)+$"}], max_tokens=30)
-    env = {**os.environ, "BATCHROUTE_BROKER_URL": redis_url, "PYTHONPATH": str(ROOT)}
     with pytest.raises(JobFailed) as failed:
-        handle.wait(timeout=60)
+        handle.wait(timeout=90)
     assert failed.value.code == "validation_failed", failed.value.message
+    assert "no match for /(a+)+$/" in failed.value.message
     assert time.monotonic() - started < 30, worker.log()[-2000:]
+    env = {**os.environ, "BATCHROUTE_BROKER_URL": redis_url, "PYTHONPATH": str(ROOT)}
     ping = subprocess.run([sys.executable, "-m", "celery", "-A", "workers", "inspect", "ping",
                            "--timeout", "10"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=90)
     assert ping.returncode == 0 and "pong" in ping.stdout, (ping.stdout, ping.stderr)
 
 
@@ -293,3 +301,13 @@ def test_a_stored_spec_that_no_longer_builds_fails_the_answer_instead_of_the_wor
     assert "no backreferences" in failure_reason(verdicts)
     assert [v.ok for v in run_validators(build_for_run([{"type": "regex", "pattern": "a"}]),
                                          _completion("aa"))] == [True]
+
+
+def test_estimate_reports_every_hostile_line_instead_of_aborting(tmp_path: Path) -> None:
+    """A 100-level schema or tools array used to abort estimate with RecursionError."""
+    src = tmp_path / "hostile.jsonl"
+    corpus_file(src)
+    res = CliRunner().invoke(main, ["estimate", str(src), "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    data = json.loads(res.stdout)
+    assert (data["jobs"], data["bad_lines"]) == (len(HOSTILE) + 1, len(HOSTILE))

@@ -65,8 +65,12 @@ class JsonTooDeep(ValueError):
 Pattern = Any  # re2._Regexp: the module ships no type stubs
 
 
+@functools.lru_cache(maxsize=512)
 def compile_pattern(pattern: str, flags: str = "", *, case_sensitive: bool = True) -> Pattern:
     """Compile a pattern from job input on RE2, or raise PatternError.
+
+    Cached: a batch repeats one pattern on every line, and workers rebuild a job's checks
+    on every attempt (RE2 objects are safe to share between threads).
 
     The result has the `re.Pattern` methods the checks use (search, fullmatch,
     finditer, groups, pattern), all linear in the length of the text.
@@ -122,9 +126,8 @@ class _PatternView:
         return self._compiled.finditer(text)
 
 
-@functools.lru_cache(maxsize=256)
 def cached_pattern(pattern: str, case_sensitive: bool) -> Pattern:
-    """compile_pattern for patterns that repeat on every line and attempt (consensus)."""
+    """compile_pattern for consensus `extract` (compile_pattern is cached)."""
     return compile_pattern(pattern, case_sensitive=case_sensitive)
 
 
@@ -255,24 +258,24 @@ def schema_validator(schema: dict[str, Any]) -> Any:
 
 def schema_problem(schema: dict[str, Any]) -> str | None:
     """Why a schema from job input cannot be used, or None (shape first, then the
-    meta-schema). Equal schemas repeat on thousands of lines: cached by canonical text."""
-    shape = schema_shape_problem(schema)
-    if shape is not None:
-        return shape
+    meta-schema). Equal schemas repeat on thousands of lines: cached by canonical text
+    (serialising is safe first: a job line's nesting is already bounded by MAX_LINE_DEPTH)."""
     try:
         key = json.dumps(schema, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError):  # not plain JSON (e.g. a TOML date): check it uncached
-        return _meta_problem(schema)
+    except (TypeError, ValueError, RecursionError):  # not plain JSON (e.g. a TOML date)
+        return schema_shape_problem(schema) or _meta_problem(schema)
     if len(key) > MAX_SCHEMA_CHARS:
-        return f"is {len(key)} characters long, more than the {MAX_SCHEMA_CHARS} allowed"
-    return _meta_problem_cached(key)
+        return schema_shape_problem(schema) or (
+            f"is {len(key)} characters long, more than the {MAX_SCHEMA_CHARS} allowed")
+    return _schema_problem_cached(key)
 
 
 @functools.lru_cache(maxsize=512)
-def _meta_problem_cached(canonical: str) -> str | None:
+def _schema_problem_cached(canonical: str) -> str | None:
     """check_schema walks the whole meta-schema (~20 ms) and a batch repeats one schema on
     thousands of lines (and every attempt rebuilds its validators): once per process."""
-    return _meta_problem(json.loads(canonical))
+    schema = json.loads(canonical)
+    return schema_shape_problem(schema) or _meta_problem(schema)
 
 
 def _meta_problem(schema: dict[str, Any]) -> str | None:
