@@ -126,4 +126,5 @@ def status_data(store: Store, batch: Batch) -> dict[str, Any]:
             "stored_state": batch.state, "jobs": total, "counts": counts,
             "done": sum(counts.get(s, 0) for s in FINISHED),
             "bad_lines": [{"line": e.line_no, "custom_id": e.custom_id, "reason": e.reason}
-                          for e in store.line_errors(batch.id)[:100]]}
+                          for e in store.line_errors(batch.id, limit=100)],
+            "bad_line_count": store.count_line_errors(batch.id)}

@@ -238,6 +238,9 @@ class BudgetGuard:
         return Hold(tuple(parts))
 
     def settle(self, hold: Hold, actual: float) -> None:
+        # A cost is never negative (batchroute.billing clamps it); a negative one here would
+        # give back budget never spent and let the batch overspend, so it settles as 0.
+        actual = actual if actual > 0 else 0.0  # also nan
         for key, _limit, amount in hold.parts:
             self.backend.settle(key, amount, actual, self._initial(key))
 

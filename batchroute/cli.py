@@ -33,6 +33,7 @@ from batchroute.config import Config, ConfigError, load_config
 from batchroute.logs import configure_logging
 from batchroute.metrics import metrics
 from batchroute.store import FINISHED, Batch, Store
+from batchroute.terminal import escape, for_rich
 
 console = Console(stderr=True)
 out = Console()
@@ -160,7 +161,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
 def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
     console.print(f"[yellow]{total} line(s) rejected; the other lines go on:[/yellow]")
     for line_no, reason in problems[:20]:
-        console.print(f"  line {line_no}: {reason}", markup=False, highlight=False)
+        console.print(f"  line {line_no}: {escape(reason)}", markup=False, highlight=False)
     if total > 20:
         console.print(f"  ... and {total - 20} more (see `batchroute status BATCH --json`)")
 
@@ -269,7 +270,7 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
         shown: str | None = None
         checked = time.monotonic()
         with _progress() as progress:
-            bar = progress.add_task(f"batch {b.id}", total=data["jobs"], detail="")
+            bar = progress.add_task(f"batch {for_rich(b.id)}", total=data["jobs"], detail="")
             while True:
                 data = _status_data(store, b)
                 c = data["counts"]
@@ -294,13 +295,13 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
     if as_json:
         _print_json(data)
         sys.exit(exit_code(failed, fail_on_failed))
-    table = Table(title=f"batch {b.id} ({b.name})")
+    table = Table(title=f"batch {for_rich(b.id)} ({for_rich(b.name)})")
     table.add_column("state")
     table.add_column("jobs", justify="right")
     table.add_row(f"[bold]batch: {data['state']}[/bold]", "")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
-    table.add_row("bad lines", str(b.error_lines))
+    table.add_row("bad lines", str(data["bad_line_count"]))
     if data["stalled"]["count"]:
         table.add_row("[red]stalled[/red]", str(data["stalled"]["count"]))
     out.print(table)
@@ -445,7 +446,8 @@ def estimate(obj: Ctx, file: Path, completion_ratio: float, prior_pass_rate: flo
 
 
 def _show_report(r: dict[str, Any]) -> None:
-    head = Table(title=f"batch {r['batch_id']} — {r['name']}", show_header=False)
+    head = Table(title=f"batch {for_rich(r['batch_id'])} — {for_rich(r['name'])}",
+                 show_header=False)
     head.add_column("", style="bold")
     head.add_column("", justify="right")
     rows = [("jobs", r["jobs"]), ("succeeded", r["succeeded"]), ("failed", r["failed"]),
@@ -469,7 +471,7 @@ def _show_report(r: dict[str, Any]) -> None:
         for col in ("", "jobs", "succeeded", "attempts", "tokens", "cost", "cost/accepted"):
             t.add_column(col, justify="left" if not col else "right")
         for name, b in r[key].items():
-            t.add_row(name, str(b["jobs"]), str(b["succeeded"]), str(b["attempts"]),
+            t.add_row(for_rich(name), str(b["jobs"]), str(b["succeeded"]), str(b["attempts"]),
                       str(b["tokens"]), f"${b['cost_usd']:.4f}",
                       _usd(b.get("cost_per_success_usd")))
         out.print(t)

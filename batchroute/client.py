@@ -11,11 +11,14 @@ waiting polls the store, which is the source of truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from batchroute.config import Config, load_config
 from batchroute.dispatch import CeleryDispatcher, Dispatcher
@@ -57,26 +60,40 @@ class JobHandle:
         return job.state if job else "unknown"
 
     def wait(self, timeout: float = 300.0, poll_s: float = 0.1) -> JobResult:
-        """Block until the job ends; raise JobFailed or JobTimeout rather than return junk."""
+        """Block until the job ends; raise JobFailed or JobTimeout rather than return junk.
+
+        `timeout` is a hard bound on wall time: each look at the store runs in a helper
+        thread waited on for what is left of it, so a database that hangs (a dead
+        connection, a full pool, a server away) cannot hold the caller past it."""
         deadline = time.monotonic() + timeout
         while True:
-            result = self._check()
+            result = _bounded(self._check, deadline - time.monotonic())
+            if result is _PENDING:
+                raise JobTimeout(f"job {self.job_id} not finished after {timeout}s (the "
+                                 "store did not answer in time)")
             if result is not None:
-                return result
-            if time.monotonic() >= deadline:
-                raise JobTimeout(f"job {self.job_id} not finished after {timeout}s (state "
-                                 f"{self.status()!r}); is a worker consuming its queue?")
-            time.sleep(poll_s)
+                return cast(JobResult, result)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobTimeout(f"job {self.job_id} not finished after {timeout}s; is a "
+                                 "worker consuming its queue?")
+            time.sleep(min(poll_s, left))
 
     async def wait_async(self, timeout: float = 300.0, poll_s: float = 0.1) -> JobResult:
+        """As `wait`, the timeout a hard bound too."""
         deadline = time.monotonic() + timeout
         while True:
-            result = await asyncio.to_thread(self._check)
+            try:
+                result = await asyncio.wait_for(_in_daemon_thread(self._check),
+                                                max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise JobTimeout(f"job {self.job_id} not finished after {timeout}s") from None
             if result is not None:
                 return result
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise JobTimeout(f"job {self.job_id} not finished after {timeout}s")
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(min(poll_s, left))
 
     def _check(self) -> JobResult | None:
         job = self.store.get_job(self.job_id)
@@ -92,6 +109,55 @@ class JobHandle:
         return JobResult(job_id=job.id, content=content, model=job.model, provider=job.provider,
                          tier=job.tier, cost_usd=sum(a.cost_usd for a in attempts),
                          attempts=len(attempts), body=job.result)
+
+
+_PENDING = object()
+
+
+def _bounded(fn: Callable[[], Any], seconds: float) -> Any:
+    """fn() if it returns within `seconds`, else _PENDING (the call goes on in a daemon
+    thread and its result is dropped); fn's exception is raised here."""
+    if seconds <= 0:
+        return _PENDING
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="batchroute-wait", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        return _PENDING
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """fn() in a daemon thread, as an awaitable. Not asyncio.to_thread: a hung call in the
+    default executor would hold up the loop's shutdown (asyncio.run waits for it)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value, ok = fn(), True
+        except BaseException as e:  # handed to the awaiting task
+            value, ok = e, False
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name="batchroute-wait", daemon=True).start()
+    return future
 
 
 class Client:

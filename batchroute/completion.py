@@ -43,3 +43,6 @@ class Completion:
     alternatives: tuple[str, ...] = ()
     """Contents of the other choices (index 1..n-1) when the request asked for ``n`` > 1:
     the samples a `consensus` check compares with `content`."""
+    flags: tuple[str, ...] = ()
+    """What the reply checks found doubtful but not fatal (``usage_suspect``: a token count
+    that is not a sane integer; the pipeline bills on its own count then)."""

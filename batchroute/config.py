@@ -43,6 +43,16 @@ class ProviderConfig:
     # The window rpm/tpm are counted over: 60 s at real providers; shorter only to test
     # against a simulator whose [simulator] window_s is shorter (batchroute.ratelimit).
     rate_window_s: float = 60.0
+    # A reply is read streamed and ends `reply_too_large` past this many (decoded) bytes.
+    max_reply_bytes: int = 16 * 1024 * 1024
+    # The whole call (connect, headers, body) ends `deadline_exceeded` after timeout_s times
+    # this: timeout_s alone bounds each read, and a body trickled byte by byte never trips it.
+    deadline_factor: float = 3.0
+
+    @property
+    def deadline_s(self) -> float:
+        """The total time one call may take (batchroute.providers.deadline)."""
+        return self.timeout_s * self.deadline_factor
 
     @property
     def queue(self) -> str:
@@ -156,6 +166,8 @@ def _parse_provider(name: str, t: dict[str, Any]) -> ProviderConfig:
         tpm=_limit(t, "tpm", where),
         max_concurrency=_limit(t, "max_concurrency", where),
         rate_window_s=_positive(t, "rate_window_s", where, 60.0),
+        max_reply_bytes=int(_positive(t, "max_reply_bytes", where, 16 * 1024 * 1024)),
+        deadline_factor=_positive(t, "deadline_factor", where, 3.0),
     )
 
 
@@ -330,7 +342,7 @@ def check_api_keys(config: Config, providers: list[str] | None = None) -> None:
         f"{p.api_key_env} (provider {p.name!r})"
         for p in config.providers.values()
         if p.api_key_env and (providers is None or p.name in providers)
-        and not os.environ.get(p.api_key_env)
+        and not (os.environ.get(p.api_key_env) or "").strip()  # blank is missing
     ]
     if missing:
         raise ConfigError("missing API key environment variable(s): " + ", ".join(missing)

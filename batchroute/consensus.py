@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any
 
 from batchroute.completion import Completion
@@ -46,11 +45,14 @@ class Tally:
     distinct: int  # distinct non-empty answers
 
 
-@lru_cache(maxsize=256)
-def _compile(pattern: str | None, case_sensitive: bool) -> re.Pattern[str] | None:
+def _compile(pattern: str | None, case_sensitive: bool) -> Any:
+    """The `extract` pattern comes from a job line: compiled on RE2, linear-time
+    (batchroute.validators.safety), imported here late since the validators import us."""
     if pattern is None:
         return None
-    return re.compile(pattern, 0 if case_sensitive else re.IGNORECASE)
+    from batchroute.validators.safety import cached_pattern
+
+    return cached_pattern(pattern, case_sensitive)
 
 
 def answer_key(text: str, extract: str | None = None, case_sensitive: bool = False) -> str:

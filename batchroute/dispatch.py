@@ -29,6 +29,21 @@ class Dispatcher(Protocol):
 
 
 DEFAULT_MAX_CHUNK = 16
+# The longest delay either dispatcher accepts (below the broker's 3600 s visibility timeout).
+MAX_DELAY_S = 3000.0
+
+
+def bounded_delay(delay_s: float) -> float:
+    """A delay a timer can hold: nan/negative -> 0, inf/huge -> MAX_DELAY_S. A provider's
+    Retry-After reaches here; `inf` once overflowed the timer thread's wait and killed it,
+    stopping every delayed job of the run."""
+    try:
+        value = float(delay_s)
+    except (TypeError, ValueError):
+        return 0.0
+    if not value > 0.0:  # also nan
+        return 0.0
+    return min(value, MAX_DELAY_S)
 
 
 def max_chunk() -> int:
@@ -58,7 +73,7 @@ class CeleryDispatcher:
 
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
         self.app.send_task(TASK_NAME, args=[job_id, attempt_no], queue=queue,
-                           countdown=delay_s or None)
+                           countdown=bounded_delay(delay_s) or None)
 
     def enqueue_many(self, items: Sequence[tuple[str, int, str]]) -> None:
         # On Redis: a chunk of ready-made protocol-2 messages in one pipeline (~70x faster
@@ -110,6 +125,7 @@ class LocalDispatcher:
                 self._cond.notify_all()
 
     def enqueue(self, job_id: str, attempt_no: int, queue: str, delay_s: float = 0.0) -> None:
+        delay_s = bounded_delay(delay_s)
         with self._cond:
             self._pending += 1
             if delay_s > 0:
@@ -125,13 +141,15 @@ class LocalDispatcher:
         self._pool.submit(self._run, job_id, attempt_no)
 
     def _release_due(self) -> None:
-        """Hand delayed jobs to the pool when they are due."""
+        """Hand delayed jobs to the pool when they are due. Every wait is bounded (at most
+        MAX_DELAY_S, never inf/nan), so no value can overflow it and end this thread."""
         while True:
             with self._cond:
                 while not self._closed and (
                         not self._delayed or self._delayed[0][0] > time.monotonic()):
                     due = self._delayed[0][0] if self._delayed else None
-                    self._cond.wait(None if due is None else max(0.0, due - time.monotonic()))
+                    wait = MAX_DELAY_S if due is None else due - time.monotonic()
+                    self._cond.wait(min(MAX_DELAY_S, max(0.0, wait)))
                 if self._closed:
                     return
                 _, _, job_id, attempt_no = heapq.heappop(self._delayed)

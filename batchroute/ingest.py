@@ -24,7 +24,7 @@ from batchroute.adaptive import ingest_start
 from batchroute.chunkpool import OrderedPool, default_workers
 from batchroute.config import Config
 from batchroute.dispatch import Dispatcher
-from batchroute.jobspec import JobSpec, LineProblem, parse_line
+from batchroute.jobspec import MAX_CUSTOM_ID, JobSpec, LineProblem, parse_line
 from batchroute.router import RouteError, pick_model, route
 from batchroute.store import QUEUED, Store, utcnow
 from batchroute.store_bulk import JobLoader, encode_job, finish_encode, pre_encode
@@ -32,7 +32,16 @@ from batchroute.tokens import count_messages
 
 log = structlog.get_logger("batchroute.ingest")
 CHUNK = 2000  # lines per transaction and per broker pipeline
+# A chunk also closes at this many bytes of lines: 2000 lines just under the line cap
+# would otherwise be 16 GB in one chunk (and `ahead` chunks are in flight at once).
+CHUNK_BYTES = 4 * 1024 * 1024
+# Bad lines logged one by one (the CLI prints the same first ones); the rest are only
+# counted, so a file of a million bad lines never means a million log lines.
+LOGGED_BAD_LINES = 20
+KEPT_PROBLEMS = 1000  # (line_no, reason) kept in memory for the caller to print
+MAX_REASON = 1000  # characters of a bad line's reason stored (reasons quote user values)
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller files parse in-process
+HUGE_LINES_PER_MB = 16  # fewer lines than this in the first MB: parse in-process
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 
 
@@ -211,15 +220,31 @@ def _parse_chunk(state: tuple[Config, str, str],
 
 
 def _chunks(lines: Iterable[tuple[int, bytes | str | LineProblem]], size: int,
+            max_bytes: int = CHUNK_BYTES,
             ) -> Iterator[list[tuple[int, bytes | str | LineProblem]]]:
+    """Chunks of at most `size` lines and (past their first line) `max_bytes` bytes."""
     chunk: list[tuple[int, bytes | str | LineProblem]] = []
+    nbytes = 0
     for item in lines:
         chunk.append(item)
-        if len(chunk) >= size:
+        raw = item[1]
+        nbytes += len(raw) if isinstance(raw, bytes | str) else 0
+        if len(chunk) >= size or nbytes >= max_bytes:
             yield chunk
             chunk = []
+            nbytes = 0
     if chunk:
         yield chunk
+
+
+def storable(text: str | None, limit: int) -> str | None:
+    """A value from a bad line made safe to store: NUL characters (which PostgreSQL
+    refuses, aborting the whole chunk) escaped, and at most `limit` characters."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, batch_id: str,
@@ -262,12 +287,15 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
                 _, line_no, row_cid, reason, claimed = entry
                 if claimed is not None:
                     seen.add(claimed)
+            reason = storable(reason, MAX_REASON) or ""
             result.problem_count += 1
-            if len(result.problems) < 1000:
+            if len(result.problems) < KEPT_PROBLEMS:
                 result.problems.append((line_no, reason))
-            problems.append({"batch_id": batch_id, "line_no": line_no, "custom_id": row_cid,
-                             "reason": reason})
-            log.warning("bad_line", batch_id=batch_id, line=line_no, reason=reason)
+            problems.append({"batch_id": batch_id, "line_no": line_no,
+                             "custom_id": storable(row_cid, MAX_CUSTOM_ID), "reason": reason})
+            if result.problem_count <= LOGGED_BAD_LINES:
+                # info, below the CLI's WARNING: the CLI prints these lines itself, once.
+                log.info("bad_line", batch_id=batch_id, line=line_no, reason=reason)
         fresh = [(e[3], e[4]) for e in rows]  # (job id, provider)
         payloads = [e[5] for e in rows]
         if start is not None:
@@ -299,11 +327,19 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
 def ingest_workers(path: Path) -> int:
     """Parser processes for a file: BATCHROUTE_INGEST_WORKERS if set (0: parse in-process),
     else none below PARALLEL_MIN_BYTES (forking costs more than it saves on a small file)
-    and one per CPU, at most 4, above it."""
+    or when the first megabyte holds fewer than HUGE_LINES_PER_MB lines (memory), and one
+    per CPU, at most 4, otherwise."""
     env = os.environ.get("BATCHROUTE_INGEST_WORKERS")
     if env:
         return max(0, int(env))
-    return default_workers() if path.stat().st_size >= PARALLEL_MIN_BYTES else 0
+    if path.stat().st_size < PARALLEL_MIN_BYTES:
+        return 0
+    with path.open("rb") as f:
+        if f.read(1 << 20).count(b"\n") < HUGE_LINES_PER_MB:
+            # Lines of megabytes: each parser process would hold several of them (and its
+            # copy of this process's heap) at once; ~+120 MB for lines near the cap.
+            return 0
+    return default_workers()
 
 
 def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, path: Path,
@@ -322,5 +358,6 @@ def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, pat
     store.update_batch(batch_id, total_lines=result.lines, error_lines=result.problem_count,
                        state="running")
     log.info("batch_ingested", batch_id=batch_id, lines=result.lines, jobs=result.jobs,
-             bad_lines=result.problem_count, enqueued=result.enqueued)
+             bad_lines=result.problem_count, enqueued=result.enqueued,
+             bad_lines_logged=min(result.problem_count, LOGGED_BAD_LINES))
     return result

@@ -17,8 +17,19 @@ from batchroute.validators import (
     validate_specs,
     validators_for_response_format,
 )
+from batchroute.validators.safety import (
+    MAX_LINE_DEPTH,
+    text_may_be_deep,
+    tools_problem,
+    unsendable,
+    value_problem,
+)
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/chat/completions")
+#: Longest custom_id taken: it is a key in the store, the results and every log line,
+#: and one of megabytes used to abort a PostgreSQL submit (index row too large).
+MAX_CUSTOM_ID = 512
+_SERIALISE_CHECK_MAX = 1 << 20
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -67,7 +78,8 @@ def _decode(raw: bytes | str, line_no: int) -> Any:
             raise LineProblem(f"invalid UTF-8 at byte {e.start}; save the file as UTF-8") from None
     else:
         text = raw.lstrip("\ufeff")
-    text = text.rstrip("\r\n")
+    # No rstrip: JSON allows the trailing "\r\n", and a copy of a line near the 8 MB cap
+    # costs 8 MB more at the peak.
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
@@ -76,12 +88,30 @@ def _decode(raw: bytes | str, line_no: int) -> Any:
         raise LineProblem("invalid JSON: nested too deeply") from None
     except ValueError as e:  # NaN/Infinity, integers beyond Python's digit limit
         raise LineProblem(f"invalid JSON: {str(e)[:200]}") from None
-    try:  # what the provider call will do with the body: fail here, not on a worker
-        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError:
+    # Nesting the parser survives can still blow the recursion limit of whatever walks the
+    # line next (json.dumps, jsonschema, the store), and PostgreSQL refuses NUL characters:
+    # both are this line's error, checked without recursion (and only when they can occur).
+    if text_may_be_deep(text) or "\\u0000" in text:
+        problem = value_problem(obj, MAX_LINE_DEPTH)
+        if problem is not None:
+            what = "invalid JSON" if problem.startswith("nested") else "invalid text"
+            raise LineProblem(f"{what}: {problem}") from None
+    # What the provider call will do with the body: fail here, not on a worker. Small lines
+    # are serialised (C speed); large ones walked, not copied twice more.
+    if len(text) <= _SERIALISE_CHECK_MAX:
+        try:
+            json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            problem = None
+        except UnicodeEncodeError:
+            problem = "surrogate"
+        except (ValueError, RecursionError):
+            problem = "number"
+    else:
+        problem = unsendable(obj)
+    if problem == "surrogate":
         raise LineProblem("invalid text: a \\u escape encodes a lone surrogate, which is not "
                           "valid Unicode and cannot be sent") from None
-    except (ValueError, RecursionError):
+    if problem is not None:
         raise LineProblem("invalid JSON: a number is out of range (e.g. 1e999)") from None
     return obj
 
@@ -119,6 +149,9 @@ def parse_line(raw: bytes | str, line_no: int, config: Config) -> JobSpec:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
         raise LineProblem("custom_id: required, a non-empty string")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        raise LineProblem(f"custom_id: {len(custom_id)} characters long, at most "
+                          f"{MAX_CUSTOM_ID} allowed")
     try:
         return _parse_obj(obj, custom_id, config)
     except LineProblem as e:
@@ -140,6 +173,9 @@ def _parse_obj(obj: dict[str, Any], custom_id: str, config: Config) -> JobSpec:
     model = body.get("model", "auto")
     if not isinstance(model, str):
         raise LineProblem(f"body.model: must be a string, got {model!r}")
+    problem = tools_problem(body.get("tools"))
+    if problem is not None:
+        raise LineProblem(f"body.tools: the parameters schema {problem}")
     for key in ("max_tokens", "max_completion_tokens"):
         if key in body and (not isinstance(body[key], int) or isinstance(body[key], bool)
                             or body[key] < 1):

@@ -13,6 +13,8 @@ import sys
 
 import structlog
 
+from batchroute import secrets, terminal
+
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     level_name = (level or os.environ.get("BATCHROUTE_LOG_LEVEL") or "INFO").upper()
@@ -27,6 +29,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            secrets.structlog_processor,  # no API key in any log line (providers echo them)
+            *([] if fmt == "json" else [terminal.console_processor]),  # no raw ANSI
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -34,3 +38,4 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    secrets.install_logging_filter()  # stdlib log lines too (Celery's, libraries')

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from batchroute import consensus, policy, pricing
+from batchroute import billing, consensus, policy, pricing
 from batchroute.adaptive import cascade_start
 from batchroute.budget import BudgetRefused
 from batchroute.completion import Completion, Usage
@@ -29,7 +30,7 @@ from batchroute.runtime import Runtime
 from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
 from batchroute.tokens import max_completion
 from batchroute.validators import (
-    build_validators,
+    build_for_run,
     failure_reason,
     passed,
     run_validators,
@@ -155,8 +156,9 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     specs = _validator_specs(rt, job, model.tier)
     # A consensus check asks for its k samples as n choices of this one call.
     body = consensus.with_samples(job.body, specs)
+    reserved_max = _max_cost(job, body, model)
     try:  # reserve this call's most expensive outcome under every budget that applies
-        hold = rt.budget.hold(job.batch_id, _max_cost(job, body, model), bool(job.escalations))
+        hold = rt.budget.hold(job.batch_id, reserved_max, bool(job.escalations))
     except BudgetRefused as e:
         jlog.warning("budget_refused", reason=e.message)
         return _finish_failed(rt, writes, job, "budget_exhausted", e.message, model=model.name,
@@ -167,19 +169,24 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
         return _wait_for_capacity(rt, job, grant, jlog)
     completion: Completion | None = None
     error: ProviderError | None = None
+    charge: billing.Bill | None = None
     try:
         completion = call(rt.client, provider, rt.base_url(provider), model.api_model, body)
+        # The reply's usage is outside data: believable, else recounted; cost bounded.
+        charge = billing.bill(model, completion, job.prompt_tokens_est, _max_out(body),
+                              reserved_max)
+        completion = replace(completion, usage=charge.usage)
     except ProviderError as e:
         error = e
     finally:
         rt.limiter.settle(grant, completion, error)  # reconcile tokens, free the slot
     _feed_breaker(rt, model, error, jlog)
 
-    row = _attempt_row(job, model, attempt_no, completion, error)
+    row = _attempt_row(job, model, attempt_no, completion, error, charge)
     rt.budget.settle(hold, row["cost_usd"])
     if completion is not None:
         completion = consensus.majority_first(completion, specs)  # the voted answer first
-        verdicts = run_validators(build_validators(specs, rt.config.custom_validators),
+        verdicts = run_validators(build_for_run(specs, rt.config.custom_validators),
                                   completion, request=job.body)
         ok = passed(verdicts)
         row["outcome"] = "ok" if ok else "invalid"
@@ -255,13 +262,17 @@ def _no_model_now(rt: Runtime, job: Job, writes: Writes) -> str:
                           f"cooldown after {waited} waits")
 
 
+def _max_out(body: dict[str, Any]) -> int:
+    """The most completion tokens a call may return: max_tokens for each of its n choices."""
+    n = body.get("n", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 1
+    return max_completion(body) * max(1, n)
+
+
 def _max_cost(job: Job, body: dict[str, Any], model: ModelConfig) -> float:
     """The most this call can cost: the prompt estimate plus a full max_tokens answer for
     each of the n choices it asks for (consensus samples)."""
-    n = body.get("n", 1)
-    n = n if isinstance(n, int) else 1
-    return pricing.model_cost(model, Usage(job.prompt_tokens_est,
-                                           max_completion(body) * max(1, n)))
+    return pricing.model_cost(model, Usage(job.prompt_tokens_est, _max_out(body)))
 
 
 def _wait_for_capacity(rt: Runtime, job: Job, grant: Grant, jlog: Any) -> str:
@@ -286,7 +297,8 @@ def _validator_specs(rt: Runtime, job: Job, tier: int) -> list[dict[str, Any]]:
 
 
 def _attempt_row(job: Job, model: ModelConfig, attempt_no: int, completion: Completion | None,
-                 error: ProviderError | None) -> dict[str, Any]:
+                 error: ProviderError | None, charge: billing.Bill | None = None,
+                 ) -> dict[str, Any]:
     """The Attempt's values; the pipeline adds the validation outcome, then builds it."""
     row: dict[str, Any] = dict(job_id=job.id, batch_id=job.batch_id, attempt_no=attempt_no,
                                task=job.task, tier=model.tier, provider=model.provider,
@@ -296,8 +308,11 @@ def _attempt_row(job: Job, model: ModelConfig, attempt_no: int, completion: Comp
         row.update(prompt_tokens=completion.usage.prompt_tokens,
                    completion_tokens=completion.usage.completion_tokens,
                    cached_tokens=completion.usage.cached_tokens,
-                   cost_usd=pricing.model_cost(model, completion.usage),
-                   latency_ms=completion.latency_s * 1000, request_id=completion.request_id)
+                   cost_usd=(charge.cost_usd if charge is not None
+                             else pricing.model_cost(model, completion.usage)),
+                   flags=charge.flags_text if charge is not None else None,
+                   latency_ms=completion.latency_s * 1000,
+                   request_id=completion.request_id[:200])
     elif error is not None:
         row.update(outcome="error", error_kind=error.kind.value, reason=error.message[:500])
     return row

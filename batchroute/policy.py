@@ -8,6 +8,7 @@ a ladder that ends.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +22,9 @@ BACKOFF_CAP_S = 30.0
 # for a probe to close one; after this many waits the next tier takes it instead.
 MAX_DEFERRALS = 20
 DEFER_CAP_S = 5.0
+# The longest single wait a provider's Retry-After can impose: `Retry-After: 999999999`
+# made a job wait 31 years. Past this, the retry (and later failover) comes sooner.
+MAX_RETRY_WAIT_S = 300.0
 
 
 class Action(StrEnum):
@@ -35,7 +39,8 @@ class Action(StrEnum):
 # model; errors that another model may not have (filters, context) move on at once;
 # errors that no other model will fix (bad request, bad key) end the job.
 TRANSIENT = {ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED, ErrorKind.TIMEOUT,
-             ErrorKind.CONNECTION, ErrorKind.BAD_RESPONSE}
+             ErrorKind.CONNECTION, ErrorKind.BAD_RESPONSE, ErrorKind.MALFORMED_REPLY,
+             ErrorKind.REPLY_TOO_LARGE, ErrorKind.DEADLINE_EXCEEDED}
 MOVE_ON = {ErrorKind.CONTENT_FILTER, ErrorKind.CONTEXT_LENGTH}
 FATAL = {ErrorKind.INVALID_REQUEST, ErrorKind.AUTH}
 
@@ -65,8 +70,20 @@ class Decision:
 def backoff(n: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff; the provider's Retry-After wins when it is longer."""
     r = (rng or random).random()
-    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** max(0, n - 1))) * (0.5 + r / 2)
-    return max(delay, retry_after or 0.0)
+    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** max(0, min(n, 32) - 1))) * (0.5 + r / 2)
+    return max(delay, safe_wait(retry_after))
+
+
+def safe_wait(seconds: object, cap: float | None = None) -> float:
+    """Any wait a provider asked for, made usable: a finite number in [0, cap]. inf, nan,
+    negative, huge or not a number at all (the header parser's output is outside data)
+    never reach a timer, which would overflow or die on them."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return 0.0
+    value = float(seconds)
+    if math.isnan(value) or value <= 0.0:
+        return 0.0
+    return min(value, MAX_RETRY_WAIT_S if cap is None else cap)
 
 
 def _move_up(pos: Position, reason: str, code: str) -> Decision:

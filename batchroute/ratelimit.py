@@ -73,6 +73,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from batchroute import policy
 from batchroute.completion import Completion, Usage
 from batchroute.config import Config, ModelConfig, ProviderConfig
 from batchroute.providers.base import ErrorKind, ProviderError
@@ -175,8 +176,10 @@ def charged_tokens(usage: Usage, cap: int | None) -> int | None:
 
 def header_block_s(headers: Mapping[str, str], now_wall: float | None = None) -> float:
     """Seconds the provider says a limit stays exhausted (``remaining: 0`` + its reset),
-    from OpenAI-style or Anthropic-style rate-limit headers; 0 when nothing is exhausted."""
-    h = {k.lower(): v for k, v in headers.items()}
+    from OpenAI-style or Anthropic-style rate-limit headers; 0 when nothing is exhausted.
+    Behind LiteLLM's proxy they arrive prefixed ``llm_provider-``; unprefixed ones win."""
+    h = {k.lower().removeprefix("llm_provider-"): v for k, v in headers.items()}
+    h.update((k.lower(), v) for k, v in headers.items() if "llm_provider-" not in k.lower())
     block = 0.0
     for kind in ("requests", "tokens"):
         if _zero(h.get(f"x-ratelimit-remaining-{kind}")):
@@ -787,7 +790,8 @@ class Limiter:
             delta = 0 if charged is None else charged - grant.reserved
             block_s = header_block_s(completion.rate_limit)
         elif error is not None and error.kind is ErrorKind.RATE_LIMITED:
-            block_s = min(error.retry_after or DEFAULT_BLOCK_S, MAX_BLOCK_S)
+            # safe_wait: a Retry-After of inf/nan/negative must not reach the backend.
+            block_s = min(policy.safe_wait(error.retry_after) or DEFAULT_BLOCK_S, MAX_BLOCK_S)
         # Block the narrowest pool we know: the model's own limits if it has them.
         narrow = len(grant.scopes) - 1
         block = [i == narrow for i in range(len(grant.scopes))]

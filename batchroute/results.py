@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from batchroute.secrets import redact, redact_obj
 from batchroute.store import FINISHED, SUCCEEDED, Job, Store
 
 
@@ -58,16 +59,32 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
                             "body": job.result}
         line["error"] = None
     else:
-        error = dict(job.error or {"code": job.state, "message": f"job is {job.state}"})
+        # Redacted again on the way out: an error stored before keys were redacted.
+        error = dict(redact_obj(job.error) or {"code": job.state,
+                                               "message": f"job is {job.state}"})
         line["response"] = error.pop("provider_response", None)
         line["error"] = error
     line["batchroute"] = meta
     return line
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """`a.jsonl`, `./a.jsonl`, an absolute path or a link to it: one file. Two atomic
+    writers on one path would each rename over the other, and one half would vanish."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = None,
                   ) -> WriteSummary:
-    """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None)."""
+    """Succeeded jobs to `out`; failed jobs and bad input lines to `errors` (or `out` if None,
+    or if `errors` is the same file as `out`: both kinds then go into that one file)."""
+    if errors is not None and same_file(out, errors):
+        errors = None
     per_job: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     request_ids: dict[str, str] = {}  # the last call's: the one whose answer is the result
     for a in store.attempts(batch_id):
@@ -89,10 +106,11 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
             target.write(json.dumps(line, ensure_ascii=False) + "\n")
             summary.written += job.state == SUCCEEDED
             summary.errors += job.state != SUCCEEDED
-        for le in store.line_errors(batch_id):
+        for le in store.iter_line_errors(batch_id):
             ferr.write(json.dumps({
                 "id": None, "custom_id": le.custom_id, "response": None,
-                "error": {"code": "invalid_line", "message": f"line {le.line_no}: {le.reason}",
+                "error": {"code": "invalid_line",
+                          "message": redact(f"line {le.line_no}: {le.reason}"),
                           "line": le.line_no}}) + "\n")
             summary.errors += 1
     return summary

@@ -130,6 +130,9 @@ class Attempt(SQLModel, table=True):
     error_kind: str | None = None
     reason: str = ""
     request_id: str = ""
+    # Comma-separated doubts about the reply's bill (batchroute.billing): usage_suspect,
+    # cost_clamped. Nullable, so older databases gain it in _add_missing_columns.
+    flags: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -204,7 +207,9 @@ def engine_url(url: str) -> str:
 def _server_engine(url: Any, **options: Any) -> Engine:
     """An engine for a database server: a pool sized for a worker's threads, whose
     connections are pinged only after sitting idle."""
-    engine = create_engine(url, pool_size=10, max_overflow=40, **options)
+    from batchroute.dbretry import pool_options  # small pools: see there (#15)
+
+    engine = create_engine(url, **pool_options(), **options)
     event.listen(engine, "checkin", _mark_idle)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine
@@ -603,10 +608,34 @@ class Store:
             yield from rows
             last = rows[-1].line_no
 
-    def line_errors(self, batch_id: str) -> list[LineError]:
+    def line_errors(self, batch_id: str, limit: int | None = None) -> list[LineError]:
+        """A batch's bad lines in line order; pass `limit` (a file may have a million of
+        them), or use iter_line_errors / count_line_errors."""
         with self.session() as s:
-            return list(s.exec(select(LineError).where(LineError.batch_id == batch_id)
-                               .order_by(LineError.line_no)).all())  # type: ignore[arg-type]
+            q = (select(LineError).where(LineError.batch_id == batch_id)
+                 .order_by(LineError.line_no))  # type: ignore[arg-type]
+            return list(s.exec(q if limit is None else q.limit(limit)).all())
+
+    def iter_line_errors(self, batch_id: str, page: int = 5000) -> Iterator[Any]:
+        """Bad lines in line order as rows with .line_no, .custom_id and .reason, `page`
+        per query (keyset on the unique (batch_id, line_no)): `results` never holds them
+        all, and plain rows, not ORM objects, keep a million of them quick."""
+        last = -1
+        t: Any = LineError.__table__  # type: ignore[attr-defined]
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa_select(t.c.line_no, t.c.custom_id, t.c.reason).where(
+                    t.c.batch_id == batch_id, t.c.line_no > last)
+                    .order_by(t.c.line_no).limit(page)).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].line_no
+
+    def count_line_errors(self, batch_id: str) -> int:
+        with self.session() as s:
+            return int(s.exec(select(func.count()).select_from(LineError)
+                              .where(LineError.batch_id == batch_id)).one())
 
     def attempts(self, batch_id: str) -> list[Attempt]:
         with self.session() as s:

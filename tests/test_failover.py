@@ -119,7 +119,7 @@ def test_timeout_connection_malformed_context_auth(sim: SimServer,
     sim.set_model("junk", SimModel(malformed_rate=1.0))
     with pytest.raises(ProviderError) as e:
         provider_call(sim, "junk")
-    assert e.value.kind is ErrorKind.BAD_RESPONSE
+    assert e.value.kind is ErrorKind.MALFORMED_REPLY
 
     sim.set_model("tiny", SimModel(context_window=5))
     with pytest.raises(ProviderError) as e:

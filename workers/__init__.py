@@ -8,14 +8,16 @@ at least one worker must consume it (the default does).
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
 import redis
 import structlog
-from celery.signals import worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 from kombu import Queue
 
+from batchroute import flower_guard, secrets
 from batchroute.breaker import RedisBreakers
 from batchroute.broker import (
     CHUNK_TASK,
@@ -28,13 +30,15 @@ from batchroute.broker import (
 )
 from batchroute.budget import RedisBudgets
 from batchroute.config import check_api_keys, load_config
+from batchroute.dbretry import ResilientStore, retry_task
 from batchroute.dispatch import CeleryDispatcher
 from batchroute.logs import configure_logging
 from batchroute.ratelimit import Limiter
 from batchroute.runtime import Runtime
-from batchroute.store import Store
 
 configure_logging()
+if "flower" in sys.argv[1:]:  # `celery -A workers flower`: never open without auth (#15)
+    flower_guard.install()
 config = load_config()
 check_api_keys(config)  # fail at start-up, naming the variable, before any job is taken
 
@@ -51,7 +55,8 @@ def runtime() -> Runtime:
     with _runtime_lock:
         if _runtime is None:
             shared = redis.Redis.from_url(broker_url())  # one pool for breakers and budgets
-            _runtime = Runtime(config, Store(), CeleryDispatcher(app),
+            # ResilientStore: an attempt's writes wait out a database outage (#15)
+            _runtime = Runtime(config, ResilientStore(), CeleryDispatcher(app),
                                breakers=RedisBreakers(shared, config.breaker),
                                # rpm/tpm/concurrency pools shared by every worker (Redis)
                                limiter=Limiter.from_env(config),
@@ -60,20 +65,27 @@ def runtime() -> Runtime:
         return _runtime
 
 
-@app.task(name=TASK_NAME, acks_late=True, ignore_result=True)
-def process_job(job_id: str, attempt_no: int) -> str:
-    """Arguments are ids only: Flower shows them, so nothing secret or bulky goes here."""
+@app.task(name=TASK_NAME, acks_late=True, ignore_result=True, bind=True, max_retries=None)
+def process_job(self: Any, job_id: str, attempt_no: int) -> str:
+    """Arguments are ids only: Flower shows them, so nothing secret or bulky goes here.
+    A transient database error re-publishes the message (batchroute.dbretry)."""
     from batchroute.pipeline import process_job as run
 
-    return run(runtime(), job_id, attempt_no)
+    try:
+        return run(runtime(), job_id, attempt_no)
+    except Exception as e:
+        raise retry_task(self, e) from None
 
 
-@app.task(name=CHUNK_TASK, acks_late=True, ignore_result=True)
-def process_jobs(pairs: list[list[Any]]) -> dict[str, int]:
+@app.task(name=CHUNK_TASK, acks_late=True, ignore_result=True, bind=True, max_retries=None)
+def process_jobs(self: Any, pairs: list[list[Any]]) -> dict[str, int]:
     """Several jobs in one message: [[job_id, attempt_no], ...], ids only as above."""
     from batchroute.pipeline import process_chunk
 
-    return process_chunk(runtime(), [(str(i), int(n)) for i, n in pairs])
+    try:
+        return process_chunk(runtime(), [(str(i), int(n)) for i, n in pairs])
+    except Exception as e:
+        raise retry_task(self, e) from None
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
@@ -93,3 +105,12 @@ def _check_broker_eviction(**_: Any) -> None:
     problem = broker_eviction_problem()
     if problem:
         structlog.get_logger("batchroute.worker").error("broker_may_evict", problem=problem)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_celery_logs(logger: Any = None, **_: Any) -> None:
+    """Celery's own log lines (a failed task's traceback, its arguments) get the same
+    redaction as ours: no API key reaches a log (batchroute.secrets)."""
+    if logger is not None:
+        secrets.install_logging_filter(logger)

@@ -6,28 +6,26 @@ output file looks the same whichever provider answered.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import (
-    ErrorKind,
-    ProviderError,
-    error_from_status,
-    http_error,
-    parse_retry_after,
+from batchroute.providers.base import ErrorKind, ProviderError, http_error
+from batchroute.providers.errors import reply_error
+from batchroute.providers.reply import (
+    MalformedReply,
+    check_messages_reply,
+    decode_json,
+    field_str,
+    token_count,
 )
 from batchroute.tokens import DEFAULT_MAX_COMPLETION, message_text
 
 API_VERSION = "2023-06-01"
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                 "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
-ERROR_TYPES = {"rate_limit_error": 429, "overloaded_error": 529, "api_error": 500,
-               "authentication_error": 401, "permission_error": 403,
-               "invalid_request_error": 400, "request_too_large": 413}
 
 
 def to_messages_request(api_model: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -54,11 +52,13 @@ def to_messages_request(api_model: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def to_chat_completion(data: dict[str, Any], finish_reason: str, content: str) -> dict[str, Any]:
     usage = data.get("usage") or {}
-    prompt = int(usage.get("input_tokens", 0)) + int(usage.get("cache_read_input_tokens", 0) or 0)
-    completion = int(usage.get("output_tokens", 0))
+    # A count that is not sane is 0 here; the pipeline bills such a reply on its own count.
+    prompt = ((token_count(usage.get("input_tokens")) or 0)
+              + (token_count(usage.get("cache_read_input_tokens")) or 0))
+    completion = token_count(usage.get("output_tokens")) or 0
     return {
-        "id": data.get("id", ""), "object": "chat.completion", "created": int(time.time()),
-        "model": data.get("model", ""),
+        "id": field_str(data.get("id")), "object": "chat.completion",
+        "created": int(time.time()), "model": field_str(data.get("model")),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -76,37 +76,31 @@ class AnthropicAdapter:
                                     json=to_messages_request(api_model, body), headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
-        if response.status_code >= 400:
-            message, etype = _error_fields(response)
-            status = ERROR_TYPES.get(etype, response.status_code)
-            raise http_error(error_from_status(status, message, etype,
-                                               parse_retry_after(response.headers)), response)
+        error = reply_error(response.status_code, response.headers, response.content)
+        if error is not None:  # any status >= 400, or a gateway's error object in a 200
+            raise http_error(error, response)
         try:
-            data = response.json()
-            content = "".join(block.get("text", "") for block in data["content"]
-                              if block.get("type") == "text")
-            usage = data.get("usage") or {}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ProviderError(ErrorKind.BAD_RESPONSE,
-                                f"unreadable Messages API body ({type(e).__name__}: {e})",
+            data = decode_json(response.content)
+            check_messages_reply(data)
+        except MalformedReply as e:
+            raise ProviderError(ErrorKind.MALFORMED_REPLY, f"Messages API reply: {e}",
                                 response.status_code) from None
+        content = "".join(block["text"] for block in data["content"]
+                          if block.get("type") == "text")
+        usage = data.get("usage") or {}
+        counts = [token_count(usage.get(k), required=k != "cache_read_input_tokens")
+                  for k in ("input_tokens", "output_tokens", "cache_read_input_tokens")]
+        flags = ("usage_suspect",) if None in counts else ()
+        prompt_in, output, cached = (c or 0 for c in counts)
         finish = STOP_REASONS.get(str(data.get("stop_reason")), "stop")
-        cached = int(usage.get("cache_read_input_tokens", 0) or 0)
         return Completion(
             content=content, finish_reason=finish,
-            usage=Usage(prompt_tokens=int(usage.get("input_tokens", 0)) + cached,
-                        completion_tokens=int(usage.get("output_tokens", 0)),
+            usage=Usage(prompt_tokens=prompt_in + cached, completion_tokens=output,
                         cached_tokens=cached),
-            model=str(data.get("model", "")),
-            request_id=response.headers.get("request-id", "") or str(data.get("id", "")),
+            model=field_str(data.get("model")),
+            request_id=response.headers.get("request-id", "") or field_str(data.get("id")),
             latency_s=latency_s, body=to_chat_completion(data, finish, content),
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+            flags=flags,
         )
 
-
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    try:
-        err = response.json().get("error") or {}
-        return str(err.get("message") or response.reason_phrase), str(err.get("type") or "")
-    except (json.JSONDecodeError, AttributeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}", ""

@@ -14,6 +14,12 @@ import httpx
 
 from batchroute.completion import Completion
 
+# Retry-After parsing lives in its own module; these names stay importable from here
+# (ratelimit.py reads the reset durations through `_duration`).
+from batchroute.providers.retry_after import parse_duration as _duration  # noqa: F401
+from batchroute.providers.retry_after import parse_retry_after  # noqa: F401
+from batchroute.secrets import redact, redact_obj
+
 
 class ErrorKind(StrEnum):
     RATE_LIMITED = "rate_limited"
@@ -24,12 +30,16 @@ class ErrorKind(StrEnum):
     CONTENT_FILTER = "content_filter"
     INVALID_REQUEST = "invalid_request"
     AUTH = "auth"
-    BAD_RESPONSE = "bad_response"  # 200 with a body we cannot read
+    BAD_RESPONSE = "bad_response"  # kept for old ledgers; new replies use MALFORMED_REPLY
+    MALFORMED_REPLY = "malformed_reply"  # 2xx whose body breaks the API's shape (reply.py)
+    REPLY_TOO_LARGE = "reply_too_large"  # body past max_reply_bytes, counted decoded
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the whole call outlived its total deadline
 
 
 class ProviderError(Exception):
     def __init__(self, kind: ErrorKind, message: str, status: int | None = None,
                  retry_after: float | None = None) -> None:
+        message = redact(message)  # providers echo keys in 401/400 bodies (batchroute.secrets)
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
         self.message = message
@@ -56,57 +66,25 @@ def http_error(error: ProviderError, response: httpx.Response) -> ProviderError:
     the first 8 KiB of text), the way OpenAI's batch output reports a failed request."""
     body: Any
     try:
-        body = response.json()
-    except ValueError:
+        body = response.json() if len(response.content) <= _MAX_ERROR_BODY else None
+    except (ValueError, RecursionError):  # not JSON, or nested deep enough to blow the stack
+        body = None
+    if body is None:
         body = response.text[:_MAX_ERROR_BODY]
     error.response = {"status_code": response.status_code,
                       "request_id": response.headers.get("x-request-id")
                       or response.headers.get("request-id") or "",
-                      "body": body}
+                      "body": redact_obj(body)}  # some providers echo the key back
     return error
-
-
-def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds to wait, from retry-after-ms, Retry-After or x-ratelimit-reset-* headers."""
-    if "retry-after-ms" in headers:
-        try:
-            return float(headers["retry-after-ms"]) / 1000
-        except ValueError:
-            pass
-    if "retry-after" in headers:
-        try:
-            return float(headers["retry-after"])
-        except ValueError:
-            pass
-    resets = [_duration(headers[h]) for h in ("x-ratelimit-reset-requests",
-                                               "x-ratelimit-reset-tokens") if h in headers]
-    known = [r for r in resets if r is not None]
-    return max(known) if known else None
-
-
-def _duration(text: str) -> float | None:
-    """OpenAI's reset headers look like '1s', '6m0s', '20ms'."""
-    total, num, i = 0.0, "", 0
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    while i < len(text):
-        c = text[i]
-        if c.isdigit() or c == ".":
-            num += c
-            i += 1
-            continue
-        unit = "ms" if text[i:i + 2] == "ms" else c
-        if unit not in units or not num:
-            return None
-        total += float(num) * units[unit]
-        num, i = "", i + len(unit)
-    if num:
-        total += float(num)
-    return total
 
 
 def error_from_status(status: int, message: str, code: str = "",
                       retry_after: float | None = None) -> ProviderError:
-    """Map an HTTP error status (and the provider's error code) into the taxonomy."""
+    """Map an HTTP error status (and the provider's error code) into the taxonomy.
+
+    The adapters classify whole replies with `batchroute.providers.errors.classify`, which
+    also knows the gateways' wordings; this status-first mapping stays for callers that
+    only have a status and a code."""
     code_l = code.lower()
     if "context_length" in code_l or "context length" in message.lower():
         return ProviderError(ErrorKind.CONTEXT_LENGTH, message, status)

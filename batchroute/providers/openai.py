@@ -3,18 +3,19 @@ Together, Groq, OpenRouter, vLLM, Ollama and the built-in simulator."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import (
-    ErrorKind,
-    ProviderError,
-    error_from_status,
-    http_error,
-    parse_retry_after,
+from batchroute.providers.base import ErrorKind, ProviderError, http_error
+from batchroute.providers.errors import reply_error
+from batchroute.providers.reply import (
+    MalformedReply,
+    check_chat_completion,
+    decode_json,
+    field_str,
+    token_count,
 )
 
 # Keys of the job body forwarded to the provider; anything else (our own fields,
@@ -34,37 +35,40 @@ class OpenAIAdapter:
                                     headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:
-        if response.status_code >= 400:
-            message, code = _error_fields(response)
-            raise http_error(error_from_status(response.status_code, message, code,
-                                               parse_retry_after(response.headers)), response)
+        error = reply_error(response.status_code, response.headers, response.content)
+        if error is not None:  # any status >= 400, or a gateway's error object in a 200
+            raise http_error(error, response)
         try:
-            data = response.json()
-            choice = data["choices"][0]
-            msg = choice.get("message") or {}
-            usage = data.get("usage") or {}
-            details = usage.get("prompt_tokens_details") or {}
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise ProviderError(ErrorKind.BAD_RESPONSE,
-                                f"unreadable chat.completion body ({type(e).__name__}: {e})",
+            data = decode_json(response.content)
+            check_chat_completion(data)
+        except MalformedReply as e:
+            raise ProviderError(ErrorKind.MALFORMED_REPLY, f"chat.completion: {e}",
                                 response.status_code) from None
-        logprobs = None
+        choice = data["choices"][0]
+        msg = choice["message"]
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        counts = [token_count(usage.get(k), required=True)
+                  for k in ("prompt_tokens", "completion_tokens")]
+        cached = token_count(details.get("cached_tokens"))
+        flags = ("usage_suspect",) if None in counts or cached is None else ()
         lp = choice.get("logprobs")
+        logprobs = None
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
             logprobs = [float(t.get("logprob", 0.0)) for t in lp["content"]]
         return Completion(
             content=msg.get("content") or "",
             finish_reason=choice.get("finish_reason") or "stop",
-            usage=Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                        completion_tokens=int(usage.get("completion_tokens", 0)),
-                        cached_tokens=int(details.get("cached_tokens", 0) or 0)),
-            model=str(data.get("model", "")),
-            request_id=response.headers.get("x-request-id", "") or str(data.get("id", "")),
+            usage=Usage(prompt_tokens=counts[0] or 0, completion_tokens=counts[1] or 0,
+                        cached_tokens=cached or 0),
+            model=field_str(data.get("model")),
+            request_id=response.headers.get("x-request-id", "") or field_str(data.get("id")),
             latency_s=latency_s,
             logprobs=logprobs,
             body=data,
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
             alternatives=_other_choices(data["choices"]),
+            flags=flags,
         )
 
 
@@ -76,11 +80,3 @@ def _other_choices(choices: list[Any]) -> tuple[str, ...]:
     return tuple(str(((c.get("message") or {}) if isinstance(c, dict) else {}).get("content")
                      or "") for c in ordered[1:])
 
-
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    try:
-        err = response.json().get("error") or {}
-        return str(err.get("message") or response.reason_phrase), str(err.get("code") or
-                                                                      err.get("type") or "")
-    except (json.JSONDecodeError, AttributeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}", ""

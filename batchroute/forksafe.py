@@ -1,0 +1,36 @@
+"""Fork safety: what a process built before a fork is not shared with the child.
+
+Why: an application that creates a `Client` at module level and then runs in a prefork
+Celery pool (or gunicorn, multiprocessing) forks with the SQLAlchemy engines' pooled
+connections open; parent and child then talk over the same sockets and get each other's
+replies (corrupted queries, hangs). After a fork the child drops (without closing: the
+sockets are the parent's) every pooled connection and gets fresh locks; it reconnects on
+first use. Redis clients need nothing here: redis-py's ConnectionPool checks the pid on
+every checkout and resets itself in a child.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+_installed = False
+
+
+def _after_fork_in_child() -> None:
+    store: Any = sys.modules.get("batchroute.store")
+    if store is None:  # nothing built yet
+        return
+    store._engines_lock = threading.Lock()  # it may have been held at the fork
+    for engine in list(store._engines.values()):
+        engine.dispose(close=False)  # forget the parent's connections, do not close them
+
+
+def install() -> None:
+    """Register the after-fork hook once per process (idempotent)."""
+    global _installed
+    if not _installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _installed = True
