@@ -99,6 +99,9 @@ class Job(SQLModel, table=True):
     # Set by claim: past it, a "running" job's worker is presumed dead (batchroute.recovery).
     lease_until: datetime | None = None
     prompt_tokens_est: int = 0
+    # Identical deterministic requests share it (batchroute.reuse); None: never reused.
+    # Nullable and indexed: _add_missing_columns adds both to an older database.
+    reuse_key: str | None = Field(default=None, index=True, max_length=64)
     escalations: list[dict[str, Any]] = Field(default_factory=list,
                                               sa_column=Column(JSON, nullable=False))
     verdicts: list[dict[str, Any]] = Field(default_factory=list,
@@ -281,6 +284,11 @@ def _add_missing_columns(conn: Connection) -> None:
                 continue
             kind = column.type.compile(dialect=conn.dialect)
             conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
+        # Nor does it create the indexes of a table that exists (e.g. job.reuse_key's).
+        indexes = {i["name"] for i in insp.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(conn)
 
 
 # The hot path's statements, built once with bind parameters: building an UPDATE per call
