@@ -132,7 +132,7 @@ def job_row(config: Config, batch_id: str, spec: JobSpec, line_no: int,
         raise RouteError(f"no model serves tier {r.start_tier}")
     now = utcnow()
     options = spec.options
-    key = reuse_key(spec.body, options, spec.task, config.tasks.get(spec.task),
+    key = reuse_key(spec.body, options, spec.task, config.task(spec.task),
                     reuse or settings_for(config))
     return {
         "id": job_id(batch_id, spec.custom_id), "batch_id": batch_id,

@@ -288,3 +288,40 @@ def test_an_older_database_gains_the_indexed_reuse_key(tmp_path: Path) -> None:
     insp = inspect(create_engine(url))
     assert "reuse_key" in {c["name"] for c in insp.get_columns("job")}
     assert any(i["column_names"] == ["reuse_key"] for i in insp.get_indexes("job"))
+
+
+@pytest.mark.integration
+def test_two_celery_workers_answer_a_duplicated_request_once(start_worker, tmp_path: Path,
+                                                             db_url: str) -> None:
+    from batchroute.store import FINISHED
+
+    from .conftest import wait_for
+
+    workers = [start_worker(concurrency=8) for _ in range(2)]
+    same = "Ticket: charged twice this month."
+    src = write(tmp_path / "celery.jsonl", [
+        *(line(f"dup-{i}", same, temperature=None) for i in range(20)),
+        *(line(f"u-{i}", f"Ticket number {i}: the app is slow.", temperature=None)
+          for i in range(10))])
+    res = CliRunner().invoke(main, ["submit", str(src), "--json", "--reuse"])
+    assert res.exit_code == 0, res.output
+    batch_id = json.loads(res.stdout)["batch_id"]
+    store = Store(get_engine(db_url))
+
+    def done() -> bool:
+        counts = store.state_counts(batch_id)
+        return sum(counts.get(s, 0) for s in FINISHED) >= 30
+
+    wait_for(done, 60, "the batch to finish; worker logs:\n"
+             + "\n".join(w.log()[-1500:] for w in workers))
+    jobs = {j.custom_id: j for j in store.iter_jobs(batch_id)}
+    attempts = store.attempts(batch_id)
+    assert len(jobs) == 30 and all(j.state == "succeeded" for j in jobs.values())
+    dup_ids = {j.id for cid, j in jobs.items() if cid.startswith("dup-")}
+    paid = {a.job_id for a in attempts if a.job_id in dup_ids and a.outcome != "reused"}
+    reused = [a for a in attempts if a.outcome == "reused"]
+    assert len(paid) == 1  # one provider answer for the 20 identical requests
+    assert len(reused) == 19 and {a.job_id for a in reused} == dup_ids - paid
+    assert all(a.cost_usd == 0 for a in reused)
+    answers = {json.dumps(jobs[c].result["choices"]) for c in jobs if c.startswith("dup-")}
+    assert len(answers) == 1
