@@ -200,6 +200,10 @@ def test_run_answers_duplicates_once_within_and_across_batches(tmp_path: Path,
     split = r1["savings_by_source"]
     assert split["batch_discount_usd"] == 0 and split["reuse_usd"] == r1["reuse"]["saved_usd"]
     assert split["routing_usd"] + split["reuse_usd"] == pytest.approx(r1["savings_usd"])
+    from batchroute.html_report import render_html
+
+    page = render_html(r1)
+    assert "reused answers" in page and "answer reuse" in page
 
     # A later batch: the same requests under other custom_ids are answered from the store.
     second = write(tmp_path / "second.jsonl", [
