@@ -10,9 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, func
+from sqlalchemy import bindparam, exists, func
 from sqlalchemy import select as sa_select
-from sqlmodel import col
 
 from batchroute.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
 
@@ -28,18 +27,28 @@ class Peers:
     failed_in_batch: bool  # a job of the batch with the key has failed
 
 
-def peers(store: Store, key: str, batch_id: str, job_id: str) -> Peers:
-    """The job's peers: one statement of three index lookups."""
-    k = col(Job.reuse_key) == key
-    source = (sa_select(col(Job.id)).where(k, col(Job.state) == SUCCEEDED, col(Job.id) != job_id)
+def _peers_stmt() -> Any:
+    """Built once with bind parameters: building and compiling it per call cost more CPU
+    than running it (as for the store's hot-path statements)."""
+    t = Job.__table__  # type: ignore[attr-defined]
+    k = t.c.reuse_key == bindparam("k_key")
+    in_batch = t.c.batch_id == bindparam("k_batch")
+    source = (sa_select(t.c.id).where(k, t.c.state == SUCCEEDED, t.c.id != bindparam("k_id"))
               .limit(1).scalar_subquery())
-    leader = (sa_select(func.min(col(Job.id)))
-              .where(k, col(Job.batch_id) == batch_id, col(Job.state).in_((QUEUED, RUNNING)))
+    leader = (sa_select(func.min(t.c.id)).where(k, t.c.state.in_((QUEUED, RUNNING)), in_batch)
               .scalar_subquery())
-    failed = exists().where(k, col(Job.batch_id) == batch_id, col(Job.state) == FAILED)
-    with store.engine.connect() as conn:
-        row = conn.execute(sa_select(source.label("source"), leader.label("leader"),
-                                     failed.label("failed"))).one()
+    failed = exists().where(k, t.c.state == FAILED, in_batch)
+    return sa_select(source.label("source"), leader.label("leader"), failed.label("failed"))
+
+
+_PEERS = _peers_stmt()
+
+
+def peers(store: Store, key: str, batch_id: str, job_id: str) -> Peers:
+    """The job's peers: one statement of three lookups on the index ix_job_reuse; in
+    autocommit on PostgreSQL (the store's single-statement engine): one round trip."""
+    with store._single.connect() as conn:
+        row = conn.execute(_PEERS, {"k_key": key, "k_batch": batch_id, "k_id": job_id}).one()
     return Peers(source=row.source, leader=row.leader, failed_in_batch=bool(row.failed))
 
 

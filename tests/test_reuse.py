@@ -283,7 +283,7 @@ def test_an_older_database_gains_the_indexed_reuse_key(tmp_path: Path) -> None:
     get_engine(url)
     old = create_engine(url)
     with old.begin() as conn:  # as a batchroute from before #18 left it
-        conn.execute(text("DROP INDEX ix_job_reuse_key"))
+        conn.execute(text("DROP INDEX ix_job_reuse"))
         conn.execute(text("ALTER TABLE job DROP COLUMN reuse_key"))
     assert "reuse_key" not in {c["name"] for c in inspect(old).get_columns("job")}
     with store_module._engines_lock:
@@ -291,7 +291,8 @@ def test_an_older_database_gains_the_indexed_reuse_key(tmp_path: Path) -> None:
     get_engine(url)  # a newer batchroute opens it
     insp = inspect(create_engine(url))
     assert "reuse_key" in {c["name"] for c in insp.get_columns("job")}
-    assert any(i["column_names"] == ["reuse_key"] for i in insp.get_indexes("job"))
+    assert any(i["name"] == "ix_job_reuse" and i["column_names"][0] == "reuse_key"
+               for i in insp.get_indexes("job"))
 
 
 @pytest.mark.integration
