@@ -274,25 +274,30 @@ def test_a_failed_original_lets_its_duplicates_run(tmp_path: Path) -> None:
         assert row["batchroute"]["cost_usd"] > 0 and row["batchroute"]["reused_from"] is None
 
 
-def test_an_older_database_gains_the_indexed_reuse_key(tmp_path: Path) -> None:
+@pytest.mark.integration  # SQLite and PostgreSQL: ALTER TABLE and a partial index on each
+def test_an_older_database_gains_the_indexed_reuse_key(db_url: str) -> None:
     from sqlalchemy import create_engine, inspect, text
 
     from batchroute import store as store_module
+    from batchroute.store import engine_url
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    get_engine(url)
-    old = create_engine(url)
+    get_engine(db_url)
+    old = create_engine(engine_url(db_url))
     with old.begin() as conn:  # as a batchroute from before #18 left it
         conn.execute(text("DROP INDEX ix_job_reuse"))
         conn.execute(text("ALTER TABLE job DROP COLUMN reuse_key"))
     assert "reuse_key" not in {c["name"] for c in inspect(old).get_columns("job")}
     with store_module._engines_lock:
-        store_module._engines.pop(url).dispose()
-    get_engine(url)  # a newer batchroute opens it
-    insp = inspect(create_engine(url))
+        store_module._engines.pop(db_url).dispose()
+    store = Store(get_engine(db_url))  # a newer batchroute opens it
+    insp = inspect(old)
     assert "reuse_key" in {c["name"] for c in insp.get_columns("job")}
     assert any(i["name"] == "ix_job_reuse" and i["column_names"][0] == "reuse_key"
                for i in insp.get_indexes("job"))
+    old.dispose()
+    from batchroute import store_reuse
+
+    assert store_reuse.peers(store, "k", "b", "j").source is None  # and it is usable
 
 
 @pytest.mark.integration
