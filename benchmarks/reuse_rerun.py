@@ -111,14 +111,49 @@ def one(folder: Path, temperature_zero: bool, share: float, seed: int) -> dict[s
             "share": round(r2["cost_usd"] / r1["cost_usd"], 4) if r1["cost_usd"] else None}
 
 
+def overhead(n: int, rounds: int) -> list[dict[str, Any]]:
+    """The cost of looking for reusable answers when there are none: `n` distinct
+    temperature-0 jobs (the example's, each made unique) run with reuse off and on
+    (default mode), alternately, each on a fresh SQLite store; CPU seconds of this process
+    (all its threads) and wall seconds."""
+    base = variant_lines(True)
+    lines = []
+    for i in range(n):
+        line = json.loads(json.dumps(base[i % len(base)]))
+        line["custom_id"] += f"-{i}"
+        line["body"]["messages"][-1]["content"] += f"\n(ref {i})"
+        lines.append(line)
+    rows = []
+    for r in range(rounds):
+        for mode in ("off", None):
+            with tempfile.TemporaryDirectory(prefix="reuse-overhead-") as tmp:
+                folder = Path(tmp)
+                src = write(folder / "unique.jsonl", lines)
+                store = Store(get_engine(f"sqlite:///{folder / 'o.db'}"))
+                cpu, wall = time.process_time(), time.monotonic()
+                report = run_file(src, folder / "out.jsonl", config=load_config(), store=store,
+                                  reuse_mode=mode).report
+                rows.append({"round": r, "reuse": mode or "auto", "jobs": report["jobs"],
+                             "hits": report["reuse"]["hits"],
+                             "cpu_s": round(time.process_time() - cpu, 2),
+                             "wall_s": round(time.monotonic() - wall, 2)})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(20)))
     ap.add_argument("--variants", choices=["both", "as-is", "temperature0"], default="both")
     ap.add_argument("--edit-share", type=float, default=0.1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--overhead", type=int, metavar="N", default=0,
+                    help="instead: CPU cost of reuse lookups on N distinct jobs (no hits)")
     args = ap.parse_args()
     configure_logging(level="ERROR")
+    if args.overhead:
+        for row in overhead(args.overhead, 3):
+            print(json.dumps(row))
+        return 0
     rows = []
     zero = {"both": (False, True), "as-is": (False,), "temperature0": (True,)}[args.variants]
     for temperature_zero in zero:
