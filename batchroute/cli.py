@@ -68,7 +68,8 @@ def _reuse_option(f: Any) -> Any:
              "checks and config models) are answered once, within the batch and from earlier "
              "batches in the store, at $0. Default: only deterministic requests "
              "(temperature 0; an absent temperature is 1, not deterministic). --reuse: "
-             "every request, temperature or not; --no-reuse: none.")(f)
+             "every request, temperature or not; --no-reuse: none. Applies to the jobs this "
+             "command stores (a file stored before keeps its jobs' setting).")(f)
 
 
 def _reuse_mode(reuse: bool | None) -> str | None:
