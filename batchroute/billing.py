@@ -14,12 +14,7 @@ rules, pure apart from tiktoken:
 - a suspect reply is billed on tiktoken's count of the prompt (the ingest estimate)
   and of the answer's text;
 - the cost is clamped into [0, COST_CLAMP_FACTOR x the call's reserved maximum] and
-  flagged `cost_clamped` when it had to be. The reservation counts the prompt by our
-  estimate, which misses what the provider adds (tool definitions, images, its own
-  tokenizer), so a plausible prompt count beyond the estimate raises the ceiling by its
-  price: a reply that says 2,000 prompt tokens for a 14-token estimate is billed for
-  them, while completion tokens beyond the call's limit (which no provider may return)
-  are what the clamp still cuts.
+  flagged `cost_clamped` when it had to be.
 """
 
 from __future__ import annotations
@@ -91,11 +86,6 @@ def bill(model: ModelConfig, completion: Completion, prompt_est: int, max_out: i
         flags.append(USAGE_SUSPECT)
     if flags:
         usage = own_count(completion, prompt_est)
-    prompt_ceiling = PLAUSIBLE_FACTOR * max(prompt_est, 1) + PROMPT_SLACK
-    unreserved = max(0, min(usage.prompt_tokens, prompt_ceiling) - max(prompt_est, 0))
-    if unreserved:
-        reserved_max += pricing.model_cost(model, Usage(prompt_tokens=unreserved,
-                                                        completion_tokens=0))
     cost, clamped = clamp_cost(pricing.model_cost(model, usage), reserved_max)
     if clamped:
         flags.append(COST_CLAMPED)

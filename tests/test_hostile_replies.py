@@ -240,8 +240,7 @@ def test_hostile_reply_outcome(corpus: dict[str, Any], case: str) -> None:
         assert [a.outcome for a in attempts] == ["error", "ok"]
     for a in attempts:  # costs: never negative, never past the reservation's factor
         assert a.cost_usd >= 0 and math.isfinite(a.cost_usd)
-        # The prompt is < 64 tokens; a reply may claim up to 90 (plausible: billed).
-        reserved = (90 * PRICE_IN + MAX_TOKENS * PRICE_OUT) / 1e6
+        reserved = (64 * PRICE_IN + MAX_TOKENS * PRICE_OUT) / 1e6  # the prompt is < 64
         assert a.cost_usd <= COST_CLAMP_FACTOR * reserved + 1e-12, (a.cost_usd, reserved)
         assert 0 <= a.prompt_tokens < 2**31 and 0 <= a.completion_tokens < 2**31
 
@@ -257,8 +256,7 @@ def test_suspect_usage_is_billed_on_our_own_count(corpus: dict[str, Any]) -> Non
 
 def test_clamped_cost_is_the_factor_of_the_reservation(corpus: dict[str, Any]) -> None:
     job, attempts = _job(corpus, "usage-over-reservation")
-    # Completion 200 on a limit of 20 is cut; the reply's 90 prompt tokens are plausible.
-    reserved = (90 * PRICE_IN + MAX_TOKENS * PRICE_OUT) / 1e6
+    reserved = (job.prompt_tokens_est * PRICE_IN + MAX_TOKENS * PRICE_OUT) / 1e6
     assert attempts[0].cost_usd == pytest.approx(COST_CLAMP_FACTOR * reserved)
 
 

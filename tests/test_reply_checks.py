@@ -129,24 +129,11 @@ def test_an_implausible_usage_is_recounted() -> None:
 
 
 def test_cost_is_clamped_to_the_reservation_factor() -> None:
-    """200 completion tokens on a 20-token limit: the clamp cuts them. The 80 prompt tokens
-    beyond the estimate are plausible (framing, tools, images) and raise the ceiling."""
     reserved = (10 + 40) / 1e6
     b = bill(MODEL, _completion(90, 200), 10, 20, reserved)
     assert b.flags == ("cost_clamped",)
-    assert b.cost_usd == pytest.approx(COST_CLAMP_FACTOR * (reserved + 80 / 1e6))
+    assert b.cost_usd == pytest.approx(COST_CLAMP_FACTOR * reserved)
     assert b.flags_text == "cost_clamped"
-
-
-def test_a_plausible_prompt_beyond_the_estimate_is_billed_in_full() -> None:
-    """An Anthropic tool prompt or an image: the provider counts far more prompt tokens than
-    our text estimate; that is what was spent, so it is billed, not clamped."""
-    reserved = (14 + 2 * 512) / 1e6
-    b = bill(MODEL, _completion(2095, 503), 14, 512, reserved)
-    assert b.flags == () and b.cost_usd == pytest.approx((2095 + 2 * 503) / 1e6)
-    # Beyond the plausibility bound it is recounted, and billed on our count.
-    b = bill(MODEL, _completion(10 * 14 + 20_001, 503), 14, 512, reserved)
-    assert b.flags == ("usage_suspect",) and b.usage.prompt_tokens == 14
 
 
 @pytest.mark.parametrize("cost", [-1.0, -1e-9, math.nan, -math.inf])
