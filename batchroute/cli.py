@@ -60,6 +60,15 @@ def _progress() -> Progress:
                     transient=False)
 
 
+def _deadline_option(f: Any) -> Any:
+    """--deadline, the same on `run` and `submit`."""
+    return click.option(
+        "--deadline", "deadline", default="24h", show_default=True,
+        callback=lambda _c, _p, v: _duration(v),
+        help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
+             "failing; transient errors never fail a job before it.")(f)
+
+
 def _reuse_option(f: Any) -> Any:
     """--reuse / --no-reuse (batchroute.reuse), the same on `run` and `submit`."""
     return click.option(
@@ -130,10 +139,7 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
 @click.option("--fail-on-failed", is_flag=True,
               help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
                    "either way).")
-@click.option("--deadline", "deadline", default="24h", show_default=True,
-              callback=lambda _c, _p, v: _duration(v),
-              help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
-                   "failing; transient errors never fail a job before it.")
+@_deadline_option
 @_reuse_option
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
@@ -206,10 +212,7 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
                    "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
-@click.option("--deadline", "deadline", default="24h", show_default=True,
-              callback=lambda _c, _p, v: _duration(v),
-              help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
-                   "failing; transient errors never fail a job before it.")
+@_deadline_option
 @_reuse_option
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from batchroute.breaker import BreakerConfig
 from batchroute.budget import BudgetConfig
 from batchroute.cascade import CascadeConfig, CascadeConfigError
 from batchroute.reuse import ReuseConfig, ReuseConfigError
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG_NAME = "default.toml"
 SIM_BASE_URL = "sim://"
@@ -255,20 +258,21 @@ def _parse_task(name: str, t: dict[str, Any], tiers: list[int],
 
 
 def _parse_cascade(t: Any) -> CascadeConfig:
-    if not isinstance(t, dict):
-        raise ConfigError(f"cascade: expected a table, got {t!r}")
-    try:
-        return CascadeConfig.from_dict(t)
-    except CascadeConfigError as e:
-        raise ConfigError(str(e)) from e
+    return _parse_table("cascade", t, CascadeConfig.from_dict, CascadeConfigError)
 
 
 def _parse_reuse(t: Any) -> ReuseConfig:
+    return _parse_table("reuse", t, ReuseConfig.from_dict, ReuseConfigError)
+
+
+def _parse_table(name: str, t: Any, from_dict: Callable[[dict[str, Any]], T],
+                 error: type[Exception]) -> T:
+    """A section owned by another module: its own errors become ConfigError."""
     if not isinstance(t, dict):
-        raise ConfigError(f"reuse: expected a table, got {t!r}")
+        raise ConfigError(f"{name}: expected a table, got {t!r}")
     try:
-        return ReuseConfig.from_dict(t)
-    except ReuseConfigError as e:
+        return from_dict(t)
+    except error as e:
         raise ConfigError(str(e)) from e
 
 
