@@ -1,0 +1,146 @@
+"""Writing a calibration as the routing config a user runs with, and its header."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from batchroute import scorer as scoring
+from batchroute.calibrate.replaying import _canonical
+from batchroute.calibrate.types import SCORER, Calibration
+from batchroute.config import Config, ModelConfig
+
+# ---------------------------------------------------------------- the routing config
+
+
+def policy_config(cal: Calibration, config: Config, raw: dict[str, Any] | None = None,
+                  scorer_dir: Path | None = None, base: Path | None = None,
+                  ) -> dict[str, Any]:
+    """The routing config (as a TOML-ready dict) that runs the calibrated policies.
+
+    Everything but providers, models and tasks is copied from ``raw`` (the input
+    config's TOML), so settings such as [simulator] or breakers carry over; the adaptive
+    cascade is switched off (see below). Only the kept models are written, renumbered
+    cheapest first as tiers 1, 2, ...; each task's ladder lists its rungs' tiers and each
+    check carries ``tiers`` = the rungs it decides at.
+
+    Learned scorers are written as JSON files into ``scorer_dir`` (one per task and
+    model) and referenced as ``model_file``, relative to ``base`` (the directory of the
+    config being written; ``load_config`` reads it relative to the config file);
+    without ``scorer_dir`` they stay inline in the spec.
+    """
+    raw = dict(raw or {})
+    kept = [m for m in cal.model_order
+            if any(r.model == m for c in cal.tasks.values() for r in c.policy.rungs)]
+    tier = {m: i + 1 for i, m in enumerate(kept)}
+    out: dict[str, Any] = {k: v for k, v in raw.items()
+                           if k not in ("providers", "models", "tasks")}
+    raw_models = raw.get("models") or {}
+    raw_providers = raw.get("providers") or {}
+    providers: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for m in kept:
+        mc = config.models[m]
+        table = dict(raw_models.get(m) or _model_table(mc))
+        table["tier"] = tier[m]
+        models[m] = table
+        pc = config.providers[mc.provider]
+        providers[pc.name] = dict(raw_providers.get(pc.name) or _provider_table(pc))
+    tasks: dict[str, Any] = {}
+    for name, c in cal.tasks.items():
+        checks: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        for rung in c.policy.rungs[:-1]:
+            for spec in rung.checks:
+                if spec.get("type") == SCORER and scorer_dir is not None:
+                    spec = _write_scorer(spec, name, rung.model, scorer_dir, base)
+                key = _canonical(spec)
+                checks.setdefault(key, (dict(spec), []))[1].append(tier[rung.model])
+        tasks[name] = {"ladder": [tier[r.model] for r in c.policy.rungs],
+                       "validators": [{**spec, "tiers": sorted(tiers)}
+                                      for spec, tiers in checks.values()]}
+    if "default" not in tasks:
+        only = next(iter(tasks.values())) if len(tasks) == 1 else None
+        tasks["default"] = dict(only) if only else {"ladder": sorted(tier.values()),
+                                                    "validators": []}
+    out["providers"] = providers
+    out["models"] = models
+    out["tasks"] = tasks
+    # The calibrated ladder already is the tier-skipping decision, made with labelled
+    # answers; the run-time adaptive cascade (validator pass rates, no labels) must not
+    # re-decide it.
+    out["cascade"] = {**dict(raw.get("cascade") or {}), "enabled": False}
+    return out
+
+
+def scorer_dir_for(output: Path) -> Path:
+    """Where the scorers of a policy written to ``output`` go: ``policy.toml`` ->
+    ``policy.scorers/`` beside it, so the two move together."""
+    return output.parent / f"{output.stem}.scorers"
+
+
+def _write_scorer(spec: Mapping[str, Any], task: str, model: str, scorer_dir: Path,
+                  base: Path | None) -> dict[str, Any]:
+    """Move an inline scorer into its own JSON file; the spec then names the file."""
+    scorer_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}.{model}")
+    path = scorer_dir / f"{safe}.json"
+    scoring.Scorer.from_dict(spec["model"]).save(path)
+    ref = str(path)
+    if base is not None:
+        try:
+            ref = str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            ref = str(path.resolve())
+    return {k: v for k, v in spec.items() if k != "model"} | {"model_file": ref}
+
+
+def _model_table(m: ModelConfig) -> dict[str, Any]:
+    table: dict[str, Any] = {"provider": m.provider, "model": m.api_model, "tier": m.tier}
+    if m.price is not None:
+        price: dict[str, Any] = {"input_per_mtok": m.price.input_per_mtok,
+                                 "output_per_mtok": m.price.output_per_mtok}
+        if m.price.cached_input_per_mtok is not None:
+            price["cached_input_per_mtok"] = m.price.cached_input_per_mtok
+        table["price"] = price
+    for key in ("price_ref", "price_provider"):
+        if getattr(m, key) is not None:
+            table[key] = getattr(m, key)
+    table["context_window"] = m.context_window
+    return table
+
+
+def _provider_table(p: Any) -> dict[str, Any]:
+    table = {"kind": p.kind, "base_url": p.base_url, "timeout_s": p.timeout_s,
+             "max_retries": p.max_retries}
+    if p.api_key_env:
+        table["api_key_env"] = p.api_key_env
+    for key in ("rpm", "tpm", "max_concurrency"):
+        if getattr(p, key, None) is not None:
+            table[key] = getattr(p, key)
+    return table
+
+
+def header(cal: Calibration) -> str:
+    """A comment block saying where the policy came from and what it achieved."""
+    lines = [f"Written by `batchroute calibrate` from {cal.source or 'a training file'} "
+             f"({cal.queries} labelled queries).",
+             f"Target: {cal.target.describe()}."]
+    for name, c in cal.tasks.items():
+        best = c.singles[c.best_single]
+        ratio = c.train.cost_usd / best.cost_usd if best.cost_usd else 0.0
+        lines.append(f"task {name}: {c.policy.describe()}")
+        lines.append(f"  train: accuracy {c.train.accuracy:.4f} at ${c.train.cost_usd:.6f} "
+                     f"({ratio:.1%} of {c.best_single}: accuracy {best.accuracy:.4f}, "
+                     f"${best.cost_usd:.6f}){'' if c.met else '  TARGET NOT MET'}")
+        if c.cv is not None:
+            kept = c.cv.settings[c.cv.chosen.label()]
+            base = c.cv.baseline
+            share = kept.cost_usd / base.cost_usd if base.cost_usd else 0.0
+            lines.append(f"  cross-validation ({c.cv.repeats}x{c.cv.folds} folds of the "
+                         "training data): kept "
+                         f"{c.cv.chosen.label()}; out-of-fold accuracy {kept.accuracy:.4f} vs "
+                         f"{base.accuracy:.4f} for the best single model, at {share:.1%} of "
+                         "its cost")
+    return "".join(f"# {line}\n" for line in lines)
