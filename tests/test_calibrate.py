@@ -110,7 +110,8 @@ def test_cost_target_maximises_accuracy_under_the_cap() -> None:
     config = make_config()
     singles = cal.single_scores(records, config)
     cap = (singles["mid"].cost_per_query + singles["big"].cost_per_query) / 2
-    result = cal.calibrate(records, config, cal.Target.parse(None, max_cost_usd=cap))
+    result = cal.calibrate(records, config, cal.Target.parse(None, max_cost_usd=cap),
+                           free_top=True)
     task = result.tasks["qa"]
     assert [r.model for r in task.policy.rungs] == ["mid"]
     assert task.met and task.train.cost_per_query <= cap
@@ -130,8 +131,12 @@ def test_targets_parse() -> None:
 
 def test_relative_target_accepts_a_cheaper_less_accurate_model() -> None:
     records = [record(i, {"cheap": i % 20 != 0, "big": True}) for i in range(40)]
-    result = cal.calibrate(records, make_config(), cal.Target.parse("95%"))
+    result = cal.calibrate(records, make_config(), cal.Target.parse("95%"), free_top=True)
     assert [r.model for r in result.tasks["qa"].policy.rungs] == ["cheap"]
+    # Without --free-top the ladder ends on the reference ("big", the most accurate).
+    fixed = cal.calibrate(records, make_config(), cal.Target.parse("95%"))
+    assert fixed.tasks["qa"].policy.rungs[-1].model == "big"
+    assert fixed.tasks["qa"].reference == "big"
 
 
 def test_unlabelled_or_unpriced_data_is_refused_with_a_reason() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
 from batchroute.calibrate.crossval import Setting, _cross_validate
-from batchroute.calibrate.replaying import _Pricer, model_order
+from batchroute.calibrate.replaying import _label, _Pricer, model_order
 from batchroute.calibrate.scorers import ScorerBank
 from batchroute.calibrate.search import _prepare, _search
 from batchroute.calibrate.types import (
@@ -27,7 +28,8 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
               agree_fractions: Sequence[float] = DEFAULT_AGREE_FRACTIONS,
               models: Sequence[str] | None = None, source: str = "", cv_folds: int = 0,
               seed: int = 0, scorer_folds: int = 0,
-              scorer_bank: ScorerBank | None = None) -> Calibration:
+              scorer_bank: ScorerBank | None = None, reference: str | None = None,
+              free_top: bool = False) -> Calibration:
     """Choose, per task, the cheapest policy meeting ``target`` on ``records`` (only).
 
     With ``cv_folds`` >= 2, the number of rungs and the safety margin are first chosen
@@ -40,6 +42,13 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
     cross-validation each fold fits its own scorers on its own training part. Needs
     scikit-learn (``pip install 'batchroute[calibrate]'``). A ``scorer_bank`` given
     instead is used (and its fits reused) as is.
+
+    ``reference`` is the user's model: accuracy targets are held against it, savings
+    are reported against it, and every ladder ends on it (models dearer than it are not
+    used) unless ``free_top``. Default: the records' requested model when they name one
+    (``model``, from the batch lines' ``body.model``; the most common), else the most
+    accurate single model on each task's records (ties: the cheaper), chosen once on
+    all of them, not per fold.
     """
     target = target or Target("best")
     if not records:
@@ -62,16 +71,39 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         if not usable:
             raise CalibrationError(f"task {task!r}: no model of the routing config answered "
                                    f"every training query (unpriced: {', '.join(unknown)})")
+        ref = choose_reference(recs, usable, pricer, reference)
+        if not free_top:  # the ladder ends on the reference: nothing dearer is used
+            usable = usable[: usable.index(ref) + 1]
         cv = None
         setting = Setting(max_rungs, target.margin)
         if cv_folds >= 2 and len(recs) >= 2 * cv_folds:
             cv = _cross_validate(task, recs, usable, config, pricer, target, max_rungs,
-                                 cv_folds, seed, k_grid, agree_fractions, bank=bank)
+                                 cv_folds, seed, k_grid, agree_fractions, bank=bank,
+                                 reference=ref, free_top=free_top)
             setting = cv.chosen
         prep = _prepare(task, recs, usable, config, pricer, k_grid, agree_fractions,
-                        setting.max_rungs, bank)
+                        setting.max_rungs, bank, ref, free_top)
         result = _search(prep, replace(target, margin=setting.margin), setting.max_rungs,
                          config)
         result.cv = cv
         results[task] = result
     return Calibration(results, target, order, len(records), source)
+
+
+def choose_reference(records: Sequence[Record], models: Sequence[str], pricer: _Pricer,
+                     reference: str | None = None) -> str:
+    """The reference model of one task's records (see :func:`calibrate`)."""
+    if reference is None:
+        asked = Counter(m for r in records if (m := getattr(r, "model", None)))
+        if asked:
+            reference = asked.most_common(1)[0][0]
+    if reference is not None:
+        if reference not in models:
+            raise CalibrationError(
+                f"reference model {reference!r} is not usable: it must be in the routing "
+                f"config and answer every training query (usable: {', '.join(models)})")
+        return reference
+    def key(m: str) -> tuple[int, float]:
+        return (sum(_label(r, m, 0) for r in records),
+                -sum(pricer.cost(m, *r.responses[m].usage(1)) for r in records))
+    return max(models, key=key)

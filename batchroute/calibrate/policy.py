@@ -123,24 +123,30 @@ def _provider_table(p: Any) -> dict[str, Any]:
 
 
 def header(cal: Calibration) -> str:
-    """A comment block saying where the policy came from and what it achieved."""
+    """A comment block saying where the policy came from and what to expect of it.
+
+    Only out-of-fold figures (cross-validation on the training file, paired with the
+    reference on the same held-out records): in-sample accuracy flatters every policy
+    that was chosen on it, so it is not printed.
+    """
     lines = [f"Written by `batchroute calibrate` from {cal.source or 'a training file'} "
              f"({cal.queries} labelled queries).",
              f"Target: {cal.target.describe()}."]
     for name, c in cal.tasks.items():
-        best = c.singles[c.best_single]
-        ratio = c.train.cost_usd / best.cost_usd if best.cost_usd else 0.0
+        ref = c.reference or c.best_single
         lines.append(f"task {name}: {c.policy.describe()}")
-        lines.append(f"  train: accuracy {c.train.accuracy:.4f} at ${c.train.cost_usd:.6f} "
-                     f"({ratio:.1%} of {c.best_single}: accuracy {best.accuracy:.4f}, "
-                     f"${best.cost_usd:.6f}){'' if c.met else '  TARGET NOT MET'}")
-        if c.cv is not None:
-            kept = c.cv.settings[c.cv.chosen.label()]
-            base = c.cv.baseline
-            share = kept.cost_usd / base.cost_usd if base.cost_usd else 0.0
-            lines.append(f"  cross-validation ({c.cv.repeats}x{c.cv.folds} folds of the "
-                         "training data): kept "
-                         f"{c.cv.chosen.label()}; out-of-fold accuracy {kept.accuracy:.4f} vs "
-                         f"{base.accuracy:.4f} for the best single model, at {share:.1%} of "
-                         "its cost")
+        lines.append(f"  reference model: {ref} (top rung; savings are against it)")
+        if c.cv is None:
+            lines.append("  no out-of-fold estimate (cross-validation off or too few "
+                         "records): evaluate on held-out queries before trusting it")
+            continue
+        kept, base = c.cv.kept, c.cv.baseline
+        saving = 1 - kept.cost_usd / base.cost_usd if base.cost_usd else 0.0
+        diff, low = c.cv.paired.get(c.cv.chosen.label(), (0.0, 0.0))
+        lines.append(f"  out of fold ({c.cv.repeats}x{c.cv.folds} folds of the training "
+                     f"data, kept {c.cv.chosen.label()}): accuracy {kept.accuracy:.4f} vs "
+                     f"{base.accuracy:.4f} for {ref} alone; difference {100 * diff:+.2f} "
+                     f"points (lower {c.cv.confidence:.0%} bound {100 * low:+.2f}); "
+                     f"saving {saving:.1%} of its cost"
+                     f"{'' if c.met else '  (target not met on the training data)'}")
     return "".join(f"# {line}\n" for line in lines)

@@ -72,28 +72,86 @@ def _label(record: Record, model: str, sample: int) -> bool:
 
 
 def rung_outcome(record: Record, model: str, checks: Sequence[Mapping[str, Any]],
-                 validators: Sequence[Any], pricer: _Pricer) -> tuple[bool, bool, float]:
+                 validators: Sequence[Any], pricer: _Pricer,
+                 earlier: Sequence[str] = ()) -> tuple[bool, bool, float]:
     """(accepted, correct, cost) of asking ``model`` under ``checks``, as the pipeline
     would: ask for k choices when a consensus check is on, put the majority first, run
-    the checks on that completion, and bill the recorded usage."""
+    the checks on that completion (``earlier``: the answers of the rungs below, for an
+    ``agree`` check), and bill the recorded usage."""
+    ok, right, cost, _ = rung_step(record, model, checks, validators, pricer, earlier)
+    return ok, right, cost
+
+
+def rung_step(record: Record, model: str, checks: Sequence[Mapping[str, Any]],
+              validators: Sequence[Any], pricer: _Pricer, earlier: Sequence[str] = (),
+              ) -> tuple[bool, bool, float, str | None]:
+    """rung_outcome plus the answer given (None when no call could be made)."""
     response = record.responses[model]
     n = consensus.samples_wanted(checks)
     if n > len(response.samples):
         # The replay (like a provider without n) cannot give k samples: the pipeline's
         # call would be rejected, so the job would fail here.
-        return False, False, 0.0
+        return False, False, 0.0, None
     prompt, completion_tokens = response.usage(n)
     cost = pricer.cost(model, prompt, completion_tokens)
     contents = [s.content for s in response.samples[:n]]
     if not validators:
-        return True, _label(record, model, 0), cost
+        return True, _label(record, model, 0), cost, contents[0]
     completion = Completion(content=contents[0], finish_reason="stop",
                             usage=Usage(prompt, completion_tokens), model=model,
                             alternatives=tuple(contents[1:]), body=_sample_body(contents))
     completion = consensus.majority_first(completion, checks)
-    ok = passed(run_validators(validators, completion, request={"messages": record.messages}))
+    ok = passed(run_validators(validators, completion, request={"messages": record.messages},
+                               earlier=earlier))
     chosen = contents.index(completion.content)
-    return ok, _label(record, model, chosen), cost
+    return ok, _label(record, model, chosen), cost, completion.content
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One record through a policy: right or not, what it cost, which model answered
+    (None: the job failed)."""
+
+    correct: bool
+    cost: float
+    model: str | None
+
+
+def outcomes(policy: Policy, records: Sequence[Record], config: Config,
+             pricer: _Pricer | None = None) -> list[Outcome]:
+    """Replay ``records`` through ``policy`` one by one, exactly as the pipeline would:
+    each rung sees the answers of the rungs below it (escalation history)."""
+    pricer = pricer or _Pricer(config)
+    built = [build_validators(list(r.checks), config.custom_validators) for r in policy.rungs]
+    out = []
+    for record in records:
+        earlier: list[str] = []
+        cost = 0.0
+        result = Outcome(False, 0.0, None)
+        for i, rung in enumerate(policy.rungs):
+            if rung.model not in record.responses:
+                result = Outcome(False, cost, None)  # the replay has no answer: job fails
+                break
+            ok, right, c, answer = rung_step(record, rung.model, rung.checks, built[i],
+                                             pricer, earlier)
+            cost += c
+            if ok or i == len(policy.rungs) - 1:
+                result = Outcome(right, cost, rung.model)
+                break
+            if answer is not None:
+                earlier.append(answer)
+        out.append(result)
+    return out
+
+
+def score_of(results: Sequence[Outcome]) -> Score:
+    answered: dict[str, int] = {}
+    for o in results:
+        if o.model is not None:
+            answered[o.model] = answered.get(o.model, 0) + 1
+    return Score(len(results), sum(o.correct for o in results),
+                 sum(o.cost for o in results), answered,
+                 sum(o.model is None for o in results))
 
 
 def model_order(records: Iterable[Record], config: Config) -> list[str]:
@@ -110,23 +168,7 @@ def model_order(records: Iterable[Record], config: Config) -> list[str]:
 
 def evaluate(policy: Policy, records: Sequence[Record], config: Config) -> Score:
     """Replay ``records`` through ``policy`` offline, exactly as the pipeline would."""
-    pricer = _Pricer(config)
-    built = [build_validators(list(r.checks), config.custom_validators) for r in policy.rungs]
-    correct = failed = 0
-    cost = 0.0
-    answered: dict[str, int] = {}
-    for record in records:
-        for i, rung in enumerate(policy.rungs):
-            if rung.model not in record.responses:
-                failed += 1  # the replay has no answer: the job fails
-                break
-            ok, right, c = rung_outcome(record, rung.model, rung.checks, built[i], pricer)
-            cost += c
-            if ok or i == len(policy.rungs) - 1:
-                correct += right
-                answered[rung.model] = answered.get(rung.model, 0) + 1
-                break
-    return Score(len(records), correct, cost, answered, failed)
+    return score_of(outcomes(policy, records, config))
 
 
 def single_scores(records: Sequence[Record], config: Config) -> dict[str, Score]:

@@ -52,11 +52,16 @@ class _Prepared:
     options: list[list[_Option]]  # [model]: check settings below the top
     singles: dict[str, Score]
     best_single: str
+    reference: str = ""  # what accuracy is held against (default: best_single)
+    tops: frozenset[int] | None = None  # model indices a ladder may end on (None: any)
 
 
 def _prepare(task: str, records: list[Record], models: list[str], config: Config,
              pricer: _Pricer, k_grid: Sequence[int], fractions: Sequence[float],
-             max_rungs: int, bank: ScorerBank | None = None) -> _Prepared:
+             max_rungs: int, bank: ScorerBank | None = None, reference: str | None = None,
+             free_top: bool = True) -> _Prepared:
+    """Everything the search needs about ``records``. With ``reference`` and not
+    ``free_top``, ``models`` must end on the reference: every ladder ends there."""
     n = len(records)
     task_checks = list(config.task(task).validators)
     top_correct = [[_label(r, m, 0) for r in records] for m in models]
@@ -73,12 +78,15 @@ def _prepare(task: str, records: list[Record], models: list[str], config: Config
             if m in frontier:
                 options[j] += _scorer_options(records, m, task, task_checks, config, pricer,
                                               bank)
+    reference = reference or best_single
+    tops = None if free_top else frozenset({models.index(reference)})
     return _Prepared(task, records, models, top_correct, top_cost, options, singles,
-                     best_single)
+                     best_single, reference, tops)
 
 
 def _required(target: Target, best_correct: int, n: int) -> tuple[int | None, float | None]:
-    """(correct answers needed, total cost cap) for ``n`` records."""
+    """(correct answers needed, total cost cap) for ``n`` records; ``best_correct`` is
+    the reference's correct answers on them."""
     if target.kind == "cost":
         return None, target.value * n
     if target.kind == "best":
@@ -98,7 +106,8 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
     top_correct, top_cost = prep.top_correct, prep.top_cost
     n = len(prep.records)
     kind = target.kind
-    required, cap = _required(target, prep.singles[prep.best_single].correct, n)
+    required, cap = _required(target, prep.singles[prep.reference].correct, n)
+    tops = prep.tops
 
     def feasible(c: _Candidate) -> bool:
         if cap is not None:
@@ -128,7 +137,7 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
     def search(prefix: tuple[tuple[int, int | None], ...], last: int, remaining: list[int],
                correct: int, cost: float) -> None:
         for j in range(last + 1, len(models)):
-            if prefix:  # single models were offered up front
+            if prefix and (tops is None or j in tops):  # singles were offered up front
                 offer(_Candidate(prefix + ((j, None),),
                                  correct + sum(top_correct[j][i] for i in remaining),
                                  cost + sum(top_cost[j][i] for i in remaining)))
@@ -150,6 +159,8 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
 
     # Single models first, so the pruning bound is tight from the start.
     for j in range(len(models)):
+        if tops is not None and j not in tops:
+            continue
         offer(_Candidate(((j, None),), sum(top_correct[j]), sum(top_cost[j])))
     search((), -1, list(range(n)), 0, 0.0)
 
@@ -162,4 +173,5 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
                            train=evaluate(policy, prep.records, config), singles=prep.singles,
                            best_single=prep.best_single, required_correct=required,
                            cost_cap_usd=cap, met=best is not None, candidates=scored,
-                           max_rungs=max_rungs, margin=target.margin)
+                           max_rungs=max_rungs, margin=target.margin,
+                           reference=prep.reference)

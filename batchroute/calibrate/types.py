@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 DEFAULT_K_GRID = (3, 5, 8, 10, 15, 20)
 DEFAULT_AGREE_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_MAX_RUNGS = 3
+DEFAULT_TOLERANCE = 0.003  # accuracy a policy may lose to the reference: 0.3 points
+DEFAULT_CONFIDENCE = 0.9  # one-sided confidence of the paired lower bound
 DEFAULT_SCORER_FOLDS = 5  # inner folds giving out-of-fold scores to choose thresholds on
 # Scorer thresholds tried per rung: the score above which this share of the training
 # answers (out of fold) is kept. Quantiles, not fixed probabilities: a scorer's scores
@@ -112,17 +114,35 @@ class Target:
     """What "acceptable" means: an accuracy floor to meet at least cost, or a cost cap
     (mean USD per query) to meet at best accuracy.
 
-    kinds: ``best`` (at least the best single model's accuracy), ``relative`` (a
+    kinds: ``best`` (at least the reference model's accuracy), ``relative`` (a
     fraction of it), ``accuracy`` (an absolute accuracy), ``cost``.
+
+    ``tolerance`` and ``confidence`` say what "at least" means out of fold: a policy is
+    accepted when the lower ``confidence`` bound of its paired accuracy difference with
+    the reference (same held-out records) is above minus ``tolerance`` (a share: 0.003
+    is 0.3 points). Both only apply with cross-validation.
     """
 
     kind: str
     value: float = 1.0
     margin: float = 0.0  # accuracy points required on top of the floor, on training data
+    tolerance: float = DEFAULT_TOLERANCE
+    confidence: float = DEFAULT_CONFIDENCE
 
     @classmethod
     def parse(cls, target: str | None, max_cost_usd: float | None = None,
-              margin: float = 0.0) -> Target:
+              margin: float = 0.0, tolerance: float = DEFAULT_TOLERANCE,
+              confidence: float = DEFAULT_CONFIDENCE) -> Target:
+        if not 0 <= tolerance < 1:
+            raise CalibrationError("--tolerance is a share of accuracy: 0.003 is 0.3 points")
+        if not 0.5 <= confidence < 1:
+            raise CalibrationError("--confidence must be in [0.5, 1), e.g. 0.9")
+        t = cls._parse(target, max_cost_usd, margin)
+        return replace(t, tolerance=tolerance, confidence=confidence)
+
+    @classmethod
+    def _parse(cls, target: str | None, max_cost_usd: float | None = None,
+               margin: float = 0.0) -> Target:
         if max_cost_usd is not None:
             if target not in (None, "", "best-accuracy"):
                 raise CalibrationError("give either --target or --max-cost-usd, not both")
@@ -149,8 +169,11 @@ class Target:
 
     def describe(self) -> str:
         extra = f" + {self.margin:g} margin" if self.margin else ""
-        return {"best": f"accuracy >= best single model's{extra}",
-                "relative": f"accuracy >= {self.value:.1%} of the best single model's{extra}",
+        if self.kind != "cost":
+            extra += (f" (out of fold: lower {self.confidence:.0%} bound of the paired "
+                      f"difference >= -{100 * self.tolerance:g} points)")
+        return {"best": f"accuracy >= the reference model's{extra}",
+                "relative": f"accuracy >= {self.value:.1%} of the reference model's{extra}",
                 "accuracy": f"accuracy >= {self.value:g}{extra}",
                 "cost": f"mean cost <= ${self.value:g} per query, best accuracy"}[self.kind]
 
@@ -169,10 +192,13 @@ class TaskCalibration:
     max_rungs: int = DEFAULT_MAX_RUNGS
     margin: float = 0.0
     cv: CrossValidation | None = None
+    reference: str = ""  # the model accuracy and savings are held against (top rung)
 
     def to_dict(self) -> dict[str, Any]:
         best = self.singles[self.best_single]
+        ref = self.reference or self.best_single
         return {
+            "reference": {"model": ref, **self.singles[ref].to_dict()},
             "task": self.task, "policy": self.policy.to_dict(), "train": self.train.to_dict(),
             "best_single": {"model": self.best_single, **best.to_dict()},
             "singles": {m: s.to_dict() for m, s in self.singles.items()},
