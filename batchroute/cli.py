@@ -599,12 +599,19 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
                    "(0.003 = 0.3 points).")
 @click.option("--confidence", default=0.9, show_default=True,
               help="One-sided confidence of the paired lower bound a policy must clear.")
+@click.option("--agree/--no-agree", "try_agree", default=True, show_default=True,
+              help="Let a rung keep its answer when it agrees with the rungs' below "
+                   "(validator `agree`).")
+@click.option("--answer-in/--no-answer-in", "try_answer_in", default=True, show_default=True,
+              help="Let a rung keep only the labels its model is most often right on "
+                   "(validator `answer_in`; label-like answers only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @click.pass_obj
 def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
               max_cost_usd: float | None, max_rungs: int, cv_folds: int, seed: int,
               use_scorer: bool | None, scorer_folds: int, reference: str | None,
-              free_top: bool, tolerance: float, confidence: float, as_json: bool) -> None:
+              free_top: bool, tolerance: float, confidence: float, try_agree: bool,
+              try_answer_in: bool, as_json: bool) -> None:
     """Fit the cheapest routing policy that meets a target on TRAIN, a labelled replay file.
 
     The routing config (--config) prices the models and lists the checks each task may
@@ -633,7 +640,8 @@ def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
                                                 confidence=confidence),
                                max_rungs=max_rungs, source=str(train), cv_folds=cv_folds,
                                seed=seed, scorer_folds=scorer_folds if use_scorer else 0,
-                               reference=reference, free_top=free_top)
+                               reference=reference, free_top=free_top, try_agree=try_agree,
+                               try_answer_in=try_answer_in)
         data = cal.policy_config(result, obj.config, cal.load_raw_config(obj.config),
                                  scorer_dir=cal.scorer_dir_for(output), base=output.parent)
         output.write_text(cal.to_toml(data, cal.header(result)), "utf-8")

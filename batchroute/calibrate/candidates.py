@@ -60,12 +60,13 @@ def _rung_options(records: Sequence[Record], model: str, task_checks: Sequence[M
     samples = min(len(r.responses[model].samples) for r in records)
     grid = _vote_grid(samples, k_grid, fractions)
     seen: dict[tuple[Any, ...], _Option] = {}
+    extract, case = template.get("extract"), bool(template.get("case_sensitive", False))
 
     def add(checks: tuple[dict[str, Any], ...], accepted: list[bool], correct: list[bool],
             cost: list[float]) -> None:
         if not checks:
             return  # accepting everything below the top is just a single model
-        signature = (tuple(accepted), tuple(correct), tuple(cost))
+        signature = (tuple(accepted), tuple(correct), tuple(cost), tuple(keys))
         if signature not in seen:
             seen[signature] = _Option(checks, *signature)
 
@@ -74,6 +75,7 @@ def _rung_options(records: Sequence[Record], model: str, task_checks: Sequence[M
         votes_built = [build_validators([v], config.custom_validators) for v in votes]
         cost: list[float] = []
         correct: list[bool] = []
+        keys: list[str] = []
         plain_ok: list[list[bool]] = [[] for _ in plain]
         vote_ok: list[list[bool]] = [[] for _ in votes]
         for record in records:
@@ -88,6 +90,7 @@ def _rung_options(records: Sequence[Record], model: str, task_checks: Sequence[M
             if votes:
                 completion = consensus.majority_first(completion, votes[:1])
             correct.append(_label(record, model, contents.index(completion.content)))
+            keys.append(consensus.answer_key(completion.content, extract, case))
             for i, built in enumerate(checks_built):
                 plain_ok[i].append(passed(run_validators(built, completion)))
             for i, built in enumerate(votes_built):
@@ -102,3 +105,49 @@ def _rung_options(records: Sequence[Record], model: str, task_checks: Sequence[M
                 add((*checks, v), [b and o for b, o in zip(base, ok, strict=True)], correct,
                     cost)
     return list(seen.values())
+
+
+def agree_template(task_checks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The `agree` spec calibration tries: answers compared as the task's consensus
+    check compares them (its ``extract``, ``case_sensitive``), if it has one."""
+    _, template = _plain_and_template(task_checks)
+    return {"type": "agree", **{k: template[k] for k in ("extract", "case_sensitive")
+                                if k in template}}
+
+
+def answer_keys(records: Sequence[Record], model: str, spec: Mapping[str, Any]) -> list[str]:
+    """The normalised first answer of ``model`` per record, as ``spec`` compares them."""
+    extract, case = spec.get("extract"), bool(spec.get("case_sensitive", False))
+    return [consensus.answer_key(r.responses[model].samples[0].content, extract, case)
+            for r in records]
+
+
+def _answer_in_options(records: Sequence[Record], model: str, keys: Sequence[str],
+                       correct: Sequence[bool], cost: Sequence[float],
+                       spec: Mapping[str, Any]) -> list[_Option]:
+    """Answer-conditioned acceptance: keep this model's answer only when it is one of
+    the labels it is most often right on (prefixes of its labels by training precision).
+    Tried only when the answers are labels: a few distinct answers covering almost all
+    records (classification), each label seen at least 5 times."""
+    counts: dict[str, list[int]] = {}
+    for k, c in zip(keys, correct, strict=True):
+        if k:
+            counts.setdefault(k, [0, 0])
+            counts[k][0] += 1
+            counts[k][1] += c
+    n = len(keys)
+    frequent = {k: v for k, v in counts.items() if v[0] >= 5}
+    if not frequent or len(counts) > 20 or sum(v[0] for v in frequent.values()) < 0.8 * n:
+        return []
+    ranked = sorted(frequent, key=lambda k: (-frequent[k][1] / frequent[k][0], k))
+    out = []
+    for size in range(1, len(ranked) + (len(frequent) < len(counts))):
+        labels = ranked[:size]
+        if size == len(ranked) and len(frequent) == len(counts):
+            break  # every label: accepts everything
+        wanted = set(labels)
+        accepted = tuple(k in wanted for k in keys)
+        check = {"type": "answer_in", "labels": sorted(labels),
+                 **{k: v for k, v in spec.items() if k in ("extract", "case_sensitive")}}
+        out.append(_Option((check,), accepted, tuple(correct), tuple(cost), tuple(keys)))
+    return out

@@ -92,6 +92,7 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
                     k_grid: Sequence[int], fractions: Sequence[float],
                     repeats: int = CV_REPEATS, bank: ScorerBank | None = None,
                     reference: str | None = None, free_top: bool = False,
+                    try_agree: bool = True, try_answer_in: bool = True,
                     ) -> CrossValidation:
     """Repeated K-fold cross-validation of the calibration procedure itself, per setting.
 
@@ -123,7 +124,7 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
         held_idx = [i for i in range(n) if fold_of[i] == f]
         held = [records[i] for i in held_idx]
         prep = _prepare(task, fit, models, config, pricer, k_grid, fractions, max_rungs,
-                        bank, reference, free_top)
+                        bank, reference, free_top, try_agree, try_answer_in)
         for i, o in zip(held_idx, outcomes(Policy(task, (Rung(reference),)), held, config,
                                            pricer), strict=True):
             base[i] += o.correct

@@ -29,7 +29,8 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
               models: Sequence[str] | None = None, source: str = "", cv_folds: int = 0,
               seed: int = 0, scorer_folds: int = 0,
               scorer_bank: ScorerBank | None = None, reference: str | None = None,
-              free_top: bool = False) -> Calibration:
+              free_top: bool = False, try_agree: bool = True,
+              try_answer_in: bool = True) -> Calibration:
     """Choose, per task, the cheapest policy meeting ``target`` on ``records`` (only).
 
     With ``cv_folds`` >= 2, the number of rungs and the safety margin are first chosen
@@ -49,6 +50,11 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
     (``model``, from the batch lines' ``body.model``; the most common), else the most
     accurate single model on each task's records (ties: the cheaper), chosen once on
     all of them, not per fold.
+
+    Besides the task's checks, consensus votes and scorers, a rung may keep its answer
+    when it agrees with the rungs' below (``agree``, unless not ``try_agree``), or only
+    when it is one of the labels the model is most often right on (``answer_in``,
+    unless not ``try_answer_in``).
     """
     target = target or Target("best")
     if not records:
@@ -79,10 +85,11 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         if cv_folds >= 2 and len(recs) >= 2 * cv_folds:
             cv = _cross_validate(task, recs, usable, config, pricer, target, max_rungs,
                                  cv_folds, seed, k_grid, agree_fractions, bank=bank,
-                                 reference=ref, free_top=free_top)
+                                 reference=ref, free_top=free_top, try_agree=try_agree,
+                                 try_answer_in=try_answer_in)
             setting = cv.chosen
         prep = _prepare(task, recs, usable, config, pricer, k_grid, agree_fractions,
-                        setting.max_rungs, bank, ref, free_top)
+                        setting.max_rungs, bank, ref, free_top, try_agree, try_answer_in)
         result = _search(prep, replace(target, margin=setting.margin), setting.max_rungs,
                          config)
         result.cv = cv

@@ -26,6 +26,11 @@ class _Option:
     accepted: tuple[bool, ...]
     correct: tuple[bool, ...]
     cost: tuple[float, ...]
+    # The answer this rung gives per record (normalised, as an `agree` check above it
+    # compares); None: the model's first sample.
+    keys: tuple[str, ...] | None = None
+    # Accepting nothing is useful only to collect an answer for a later `agree` rung.
+    collects: bool = False
 
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from batchroute.calibrate.candidates import _rung_options
+from batchroute.calibrate.candidates import (
+    _answer_in_options,
+    _rung_options,
+    agree_template,
+    answer_keys,
+)
 from batchroute.calibrate.replaying import _label, _Option, _Pricer, evaluate
 from batchroute.calibrate.scorers import ScorerBank, _frontier, _scorer_options
 from batchroute.calibrate.types import _EPS, Policy, Rung, Score, Target, TaskCalibration
@@ -18,7 +24,7 @@ from batchroute.replay import Record
 
 @dataclass
 class _Candidate:
-    rungs: tuple[tuple[int, int | None], ...]  # (model index, option index or None at top)
+    rungs: tuple[tuple[int, _Option | None], ...]  # (model index, option; None at top)
     correct: int
     cost: float
 
@@ -54,12 +60,15 @@ class _Prepared:
     best_single: str
     reference: str = ""  # what accuracy is held against (default: best_single)
     tops: frozenset[int] | None = None  # model indices a ladder may end on (None: any)
+    keys: list[list[str]] = field(default_factory=list)  # [model][record]: first answer
+    agree: dict[str, Any] | None = None  # the `agree` spec to try (None: not tried)
 
 
 def _prepare(task: str, records: list[Record], models: list[str], config: Config,
              pricer: _Pricer, k_grid: Sequence[int], fractions: Sequence[float],
              max_rungs: int, bank: ScorerBank | None = None, reference: str | None = None,
-             free_top: bool = True) -> _Prepared:
+             free_top: bool = True, checks_agree: bool = True,
+             checks_answer_in: bool = True) -> _Prepared:
     """Everything the search needs about ``records``. With ``reference`` and not
     ``free_top``, ``models`` must end on the reference: every ladder ends there."""
     n = len(records)
@@ -72,6 +81,12 @@ def _prepare(task: str, records: list[Record], models: list[str], config: Config
     options = [[] if j == len(models) - 1 or max_rungs < 2  # the dearest model: top only
                else _rung_options(records, m, task_checks, config, pricer, k_grid, fractions)
                for j, m in enumerate(models)]
+    agree = agree_template(task_checks) if checks_agree else None
+    keys = [answer_keys(records, m, agree or {}) for m in models]
+    if checks_answer_in and max_rungs >= 2:
+        for j, m in enumerate(models[:-1]):
+            options[j] += _answer_in_options(records, m, keys[j], top_correct[j],
+                                             top_cost[j], agree or {})
     if bank is not None and max_rungs >= 2:
         frontier = set(_frontier(models, singles))
         for j, m in enumerate(models[:-1]):
@@ -81,7 +96,7 @@ def _prepare(task: str, records: list[Record], models: list[str], config: Config
     reference = reference or best_single
     tops = None if free_top else frozenset({models.index(reference)})
     return _Prepared(task, records, models, top_correct, top_cost, options, singles,
-                     best_single, reference, tops)
+                     best_single, reference, tops, keys, agree)
 
 
 def _required(target: Target, best_correct: int, n: int) -> tuple[int | None, float | None]:
@@ -134,28 +149,53 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
         elif fallback is None or closer(c, fallback):
             fallback = c
 
-    def search(prefix: tuple[tuple[int, int | None], ...], last: int, remaining: list[int],
-               correct: int, cost: float) -> None:
+    keys = prep.keys
+
+    def agree_options(prefix: tuple[tuple[int, _Option | None], ...], j: int,
+                      remaining: list[int]) -> list[_Option]:
+        """`agree` at a rung of model j above ``prefix``: keep its answer when at least
+        m answers (its own and the rungs' below) agree. With nothing below, it only
+        collects an answer for a later agree rung (accepts nothing)."""
+        if prep.agree is None:
+            return []
+        prior = [opt.keys if opt is not None and opt.keys is not None else keys[pj]
+                 for pj, opt in prefix]
+        mine = keys[j]
+        out = []
+        for m in range(2, len(prior) + 2):
+            accepted = [False] * n
+            for i in remaining:
+                if mine[i]:
+                    accepted[i] = 1 + sum(p[i] == mine[i] for p in prior) >= m
+            out.append(_Option(({**prep.agree, "min_agree": m},), tuple(accepted),
+                               tuple(top_correct[j]), tuple(top_cost[j]), tuple(mine),
+                               collects=not prior))
+        return out
+
+    def search(prefix: tuple[tuple[int, _Option | None], ...], last: int,
+               remaining: list[int], correct: int, cost: float) -> None:
         for j in range(last + 1, len(models)):
             if prefix and (tops is None or j in tops):  # singles were offered up front
                 offer(_Candidate(prefix + ((j, None),),
                                  correct + sum(top_correct[j][i] for i in remaining),
                                  cost + sum(top_cost[j][i] for i in remaining)))
-            if len(prefix) + 2 > max_rungs or not options[j]:
+            if len(prefix) + 2 > max_rungs or j == len(models) - 1:
                 continue
-            for o, opt in enumerate(options[j]):
+            for opt in [*options[j], *agree_options(prefix, j, remaining)]:
+                if opt.collects and len(prefix) + 3 > max_rungs:
+                    continue  # no room for the agree rung it collects for
                 step = cost + sum(opt.cost[i] for i in remaining)
                 if cap is not None and step > cap + _EPS:
                     continue
                 if cap is None and best is not None and step > best.cost + _EPS:
                     continue  # already dearer than a policy that meets the target
                 kept = [i for i in remaining if not opt.accepted[i]]
-                if not kept or len(kept) == len(remaining):
+                if not kept or (len(kept) == len(remaining) and not opt.collects):
                     continue  # accepts everything (a single model) or nothing (pure cost)
                 got = correct + sum(opt.correct[i] for i in remaining if opt.accepted[i])
                 if required is not None and got + len(kept) < required:
                     continue  # even a perfect model above cannot reach the target
-                search(prefix + ((j, o),), j, kept, got, step)
+                search(prefix + ((j, opt),), j, kept, got, step)
 
     # Single models first, so the pruning bound is tight from the start.
     for j in range(len(models)):
@@ -166,8 +206,7 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
 
     chosen = best or fallback
     assert chosen is not None
-    rungs = tuple(Rung(models[j], () if o is None else options[j][o].checks)
-                  for j, o in chosen.rungs)
+    rungs = tuple(Rung(models[j], () if o is None else o.checks) for j, o in chosen.rungs)
     policy = Policy(prep.task, rungs)
     return TaskCalibration(task=prep.task, policy=policy,
                            train=evaluate(policy, prep.records, config), singles=prep.singles,
