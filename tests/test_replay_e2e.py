@@ -220,7 +220,7 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
 
     no = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
                                    str(train), "-o", str(tmp_path / "p2.toml"), "--cv", "0",
-                                   "--no-scorer", "--json"])
+                                   "--no-scorer", "--no-answer-in", "--json"])
     assert no.exit_code == 0, no.output
     assert json.loads(no.output)["tasks"]["qa"]["policy"]["ladder"] == ["big"]
 
