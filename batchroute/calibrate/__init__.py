@@ -42,15 +42,20 @@ from batchroute.calibrate.crossval import (
 )
 from batchroute.calibrate.fitting import (
     calibrate,
+    choose_reference,
 )
 from batchroute.calibrate.policy import (
+    agreement_rule,
     header,
     policy_config,
+    policy_from_config,
     scorer_dir_for,
 )
 from batchroute.calibrate.replaying import (
+    Outcome,
     evaluate,
     model_order,
+    outcomes,
     rung_outcome,
     single_scores,
 )
@@ -78,6 +83,11 @@ from batchroute.calibrate.types import (
 )
 
 __all__ = [
+    "Outcome",
+    "agreement_rule",
+    "policy_from_config",
+    "outcomes",
+    "choose_reference",
     "CV_MARGINS",
     "CV_REPEATS",
     "Calibration",

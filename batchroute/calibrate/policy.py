@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from batchroute import scorer as scoring
 from batchroute.calibrate.replaying import _canonical
-from batchroute.calibrate.types import SCORER, Calibration
+from batchroute.calibrate.types import SCORER, Calibration, CalibrationError, Policy, Rung
 from batchroute.config import Config, ModelConfig
 
 # ---------------------------------------------------------------- the routing config
@@ -150,3 +150,32 @@ def header(cal: Calibration) -> str:
                      f"saving {saving:.1%} of its cost"
                      f"{'' if c.met else '  (target not met on the training data)'}")
     return "".join(f"# {line}\n" for line in lines)
+
+
+def policy_from_config(config: Config, task: str) -> Policy:
+    """The policy a routing config runs for ``task``: its ladder's preferred model per
+    tier (the one the router picks first), each with the checks that apply at its tier
+    (the top rung's answer is always kept, as in :func:`evaluate`). What lets
+    ``benchmarks/replay.py --policy`` score a policy file, calibrated or hand-written."""
+    from batchroute.router import pick_model
+    from batchroute.validators.build import specs_for_tier
+
+    profile = config.task(task)
+    rungs = []
+    for i, tier in enumerate(profile.ladder):
+        model = pick_model(config, tier)
+        if model is None:
+            raise CalibrationError(f"task {task!r}: no model at tier {tier}")
+        last = i == len(profile.ladder) - 1
+        checks = () if last else tuple(specs_for_tier(list(profile.validators), tier))
+        rungs.append(Rung(model.name, checks))
+    return Policy(task, tuple(rungs))
+
+
+def agreement_rule(task: str, cheap: Sequence[str], reference: str, votes: int = 2,
+                   spec: Mapping[str, Any] | None = None) -> Policy:
+    """The untrained rule "keep the answer when ``votes`` cheap models agree, else the
+    reference": each cheap model in turn, with an ``agree`` check (the first ones only
+    collect answers), then the reference."""
+    check = {"type": "agree", "min_agree": votes, **dict(spec or {})}
+    return Policy(task, (*(Rung(m, (check,)) for m in cheap), Rung(reference)))
