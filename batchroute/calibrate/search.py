@@ -162,7 +162,7 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
                  for pj, opt in prefix]
         mine = keys[j]
         out = []
-        for m in range(2, len(prior) + 2):
+        for m in range(2, max(3, len(prior) + 2)):
             accepted = [False] * n
             for i in remaining:
                 if mine[i]:

@@ -1,0 +1,184 @@
+"""Issue #16: the reference model on top, paired out-of-fold margins, and the `agree` /
+`answer_in` checks (as validators, in the offline replay and chosen by calibration).
+Pure logic on small synthetic data, no servers."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from batchroute import calibrate as cal
+from batchroute.calibrate.crossval import lower_bound
+from batchroute.completion import Completion, Usage
+from batchroute.config import Config, parse_config
+from batchroute.pipeline import earlier_answers
+from batchroute.replay import Record, Response, Sample
+from batchroute.validators import ValidatorError, build_validators, passed, run_validators
+
+PRICES = {"cheap": (0.1, 0.2), "mid": (1.0, 2.0), "big": (10.0, 30.0)}
+
+
+def make_config(checks: list[dict[str, Any]] | None = None) -> Config:
+    return parse_config({
+        "providers": {"replay": {"base_url": "sim://"}},
+        "models": {m: {"provider": "replay", "tier": i + 1,
+                       "price": {"input_per_mtok": p[0], "output_per_mtok": p[1]}}
+                   for i, (m, p) in enumerate(PRICES.items())},
+        "tasks": {"qa": {"ladder": [1, 2, 3], "validators": checks or []}},
+    })
+
+
+def rec(i: int, answers: dict[str, str], truth: str) -> Record:
+    return Record(id=f"q{i}", task="qa", messages=[{"role": "user", "content": f"q{i}"}],
+                  responses={m: Response(10, (Sample(a, 2, a == truth),))
+                             for m, a in answers.items()}, reference=truth)
+
+
+def completion(text: str) -> Completion:
+    return Completion(content=text, finish_reason="stop", usage=Usage(1, 1), model="m")
+
+
+# ------------------------------------------------------------------------ validators
+
+
+def test_agree_counts_this_answer_and_the_earlier_rungs() -> None:
+    [agree] = build_validators([{"type": "agree", "min_agree": 2}])
+    assert not passed(run_validators([agree], completion("Yes")))  # alone: collects only
+    assert passed(run_validators([agree], completion("yes."), earlier=["Answer: YES"]))
+    assert not passed(run_validators([agree], completion("no"), earlier=["yes", "maybe"]))
+    [three] = build_validators([{"type": "agree", "min_agree": 3}])
+    assert not passed(run_validators([three], completion("B"), earlier=["B", "C"]))
+    assert passed(run_validators([three], completion("B"), earlier=["B", "(b)"]))
+    [num] = build_validators([{"type": "agree", "extract": r"####\s*(\d+)"}])
+    assert passed(run_validators([num], completion("so #### 42"), earlier=["x #### 42"]))
+    assert not passed(run_validators([num], completion("no number"), earlier=["no number"]))
+
+
+def test_answer_in_keeps_only_the_given_labels() -> None:
+    [check] = build_validators([{"type": "answer_in", "labels": ["Yes"]}])
+    assert passed(run_validators([check], completion("yes")))
+    assert passed(run_validators([check], completion("**Yes**.")))
+    verdicts = run_validators([check], completion("No"))
+    assert not passed(verdicts) and "not one of the labels" in verdicts[0].reason
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "agree", "min_agree": 1},
+    {"type": "agree", "votes": 2},
+    {"type": "answer_in", "labels": []},
+    {"type": "answer_in"},
+    {"type": "answer_in", "labels": ["a"], "extract": "(a)(b)"},
+])
+def test_bad_specs_are_rejected_early(spec: dict[str, Any]) -> None:
+    with pytest.raises(ValidatorError):
+        build_validators([spec])
+
+
+def test_pipeline_hands_agree_the_answers_of_the_rungs_escalated_from() -> None:
+    history = [{"from_tier": 1, "reason": "x", "answer": "Yes"},
+               {"from_tier": 2, "reason": "provider gave nothing"},  # no answer kept
+               {"from_tier": 3, "reason": "y", "answer": "No"}]
+    assert earlier_answers(history) == ["Yes", "No"]
+
+
+# ------------------------------------------------------------ replay and calibration
+
+
+def labelled(n: int = 60) -> list[Record]:
+    """cheap and mid are each wrong on a different 20% ("No" when the truth is "Yes");
+    they never agree on a wrong answer, and big is always right."""
+    out = []
+    for i in range(n):
+        truth = "Yes" if i % 2 else "No"
+        cheap = "No" if i % 10 in (1, 3) else truth
+        mid = "No" if i % 10 in (5, 7) else truth
+        out.append(rec(i, {"cheap": cheap, "mid": mid, "big": truth}, truth))
+    return out
+
+
+def test_offline_replay_gives_agree_the_earlier_answers() -> None:
+    records = labelled()
+    config = make_config()
+    rule = cal.agreement_rule("qa", ["cheap", "mid"], "big")
+    score = cal.evaluate(rule, records, config)
+    assert score.accuracy == 1.0  # agreeing cheap models are always right here
+    assert score.answered_by == {"mid": 36, "big": 24}
+    assert score.cost_usd < cal.evaluate(cal.Policy("qa", (cal.Rung("big"),)), records,
+                                         config).cost_usd
+
+
+def test_calibration_finds_the_agreement_rule_and_ends_on_the_reference() -> None:
+    result = cal.calibrate(labelled(), make_config(), try_answer_in=False).tasks["qa"]
+    assert result.reference == "big"
+    assert [r.model for r in result.policy.rungs] == ["cheap", "mid", "big"]
+    assert result.policy.rungs[1].checks[0]["type"] == "agree"
+    assert result.train.accuracy == 1.0
+
+
+def test_calibration_finds_answer_conditioned_acceptance() -> None:
+    # cheap's "Yes" answers are always right, its "No" answers half wrong.
+    records = labelled()
+    result = cal.calibrate(records, make_config(), try_agree=False).tasks["qa"]
+    first = result.policy.rungs[0]
+    assert first.model == "cheap"
+    assert first.checks == ({"type": "answer_in", "labels": ["yes"]},)
+    assert result.train.accuracy == 1.0
+
+
+def test_reference_is_the_users_and_nothing_dearer_is_used() -> None:
+    records = labelled()
+    result = cal.calibrate(records, make_config(), reference="mid",
+                           try_agree=False).tasks["qa"]
+    assert result.reference == "mid"
+    assert all(r.model != "big" for r in result.policy.rungs)
+    assert result.policy.rungs[-1].model == "mid"
+    with pytest.raises(cal.CalibrationError, match="reference model 'nope'"):
+        cal.calibrate(records, make_config(), reference="nope")
+
+
+def test_lower_bound_of_paired_differences() -> None:
+    assert lower_bound([0.0] * 50, 0.9) == (0.0, 0.0)
+    mean, low = lower_bound([1.0, -1.0] * 50, 0.9)
+    assert mean == 0.0 and low == pytest.approx(-1.2816 * (100 / 99) ** 0.5 / 10, rel=1e-3)
+    assert lower_bound([0.1] * 3 + [0.0], 0.99)[1] < lower_bound([0.1] * 3 + [0.0], 0.6)[1]
+
+
+def test_cross_validation_rejects_a_cheap_policy_it_cannot_vouch_for() -> None:
+    # cheap is right 90% of the time and no check can tell when: the paired bound is
+    # far below -0.3 points, so the reference alone is kept even at a 95% target
+    # held in-sample... but a cascade through agreement that is never wrong is kept.
+    noisy = [rec(i, {"cheap": "x" if i % 10 == 0 else f"a{i}", "mid": f"a{i}",
+                     "big": f"a{i}"}, f"a{i}") for i in range(80)]
+    config = make_config()
+    alone = cal.calibrate(noisy, config, cv_folds=4, try_agree=False,
+                          try_answer_in=False, free_top=True,
+                          target=cal.Target.parse("95%")).tasks["qa"]
+    assert alone.cv is not None
+    strict = cal.calibrate(noisy, config, cv_folds=4, try_agree=False,
+                           try_answer_in=False).tasks["qa"]
+    assert strict.cv is not None and strict.cv.chosen.max_rungs == 1
+    assert [r.model for r in strict.policy.rungs] == ["mid"]  # as accurate, cheaper
+    paired = strict.cv.paired[strict.cv.chosen.label()]
+    assert paired[1] >= -0.003
+    agreeing = cal.calibrate(labelled(80), config, cv_folds=4,
+                             try_answer_in=False).tasks["qa"]
+    assert agreeing.cv is not None and agreeing.cv.kept.accuracy == 1.0
+    assert len(agreeing.policy.rungs) == 3
+    header = cal.header(cal.calibrate(labelled(80), config, cv_folds=4))
+    assert "out of fold" in header and "train: accuracy" not in header
+    assert "reference model: big" in header
+
+
+def test_policy_file_round_trip_scores_the_same() -> None:
+    records = labelled()
+    config = make_config()
+    calibration = cal.calibrate(records, config)
+    written = cal.to_toml(cal.policy_config(calibration, config))
+    loaded = parse_config(tomllib.loads(written))
+    policy = cal.policy_from_config(loaded, "qa")
+    assert [r.model for r in policy.rungs] == \
+        [r.model for r in calibration.tasks["qa"].policy.rungs]
+    assert cal.evaluate(policy, records, loaded) == \
+        cal.evaluate(calibration.tasks["qa"].policy, records, config)
