@@ -76,7 +76,8 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
             diff, low = c.cv.paired.get(c.cv.chosen.label(), (0.0, 0.0))
             kept = c.cv.kept
             row["out_of_fold"] = {
-                "difference_points": round(100 * diff, 3), "lower_bound_points": round(100 * low, 3),
+                "difference_points": round(100 * diff, 3),
+                "lower_bound_points": round(100 * low, 3),
                 "saving_pct": round(100 * (1 - kept.cost_usd / c.cv.baseline.cost_usd), 2)
                 if c.cv.baseline.cost_usd else 0.0}
         cheap = agreement_cheap(fit, [], ref, config)
