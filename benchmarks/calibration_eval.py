@@ -46,13 +46,17 @@ def agreement_cheap(train: list[Record], models: list[str], reference: str,
 
 
 def run_split(name: str, seed: int, target: str, scorer_folds: int,
-              data_dir: str | None, test_fraction: float) -> dict[str, Any]:
+              data_dir: str | None, test_fraction: float,
+              tolerance: float = cal.DEFAULT_TOLERANCE,
+              confidence: float = cal.DEFAULT_CONFIDENCE) -> dict[str, Any]:
     configure_logging("WARNING")
     dataset = convert_evaldata.DATASETS[name](convert_evaldata.data_dir(data_dir))
     train, test = convert_evaldata.split(dataset.records, seed, test_fraction)
     config = parse_config(convert_evaldata.routing_config(dataset))
     started = time.perf_counter()
-    calibration = cal.calibrate(train, config, cal.Target.parse(target), cv_folds=5,
+    calibration = cal.calibrate(train, config, cal.Target.parse(target, tolerance=tolerance,
+                                                                confidence=confidence),
+                                cv_folds=5,
                                 seed=seed, scorer_folds=scorer_folds, source=name)
     fit_s = time.perf_counter() - started
     rows = []
@@ -64,6 +68,7 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
         base = cal.evaluate(cal.Policy(task, (cal.Rung(ref),)), held, config)
         row: dict[str, Any] = {
             "dataset": name, "seed": seed, "task": task, "target": target,
+            "confidence": confidence, "tolerance": tolerance,
             "scorer": bool(scorer_folds), "train": len(fit), "test": len(held),
             "reference": ref, "policy": c.policy.describe(),
             "accuracy": round(pol.accuracy, 6), "reference_accuracy": round(base.accuracy, 6),
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir")
     ap.add_argument("--test-fraction", type=float,
                     default=convert_evaldata.DEFAULT_TEST_FRACTION)
+    ap.add_argument("--tolerance", type=float, default=cal.DEFAULT_TOLERANCE)
+    ap.add_argument("--confidence", type=float, default=cal.DEFAULT_CONFIDENCE)
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(convert_evaldata.DATASETS)
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     scorer_folds = cal.DEFAULT_SCORER_FOLDS if args.scorer else 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_split, n, s, args.target, scorer_folds, args.data_dir,
-                               args.test_fraction) for n, s in jobs]
+                               args.test_fraction, args.tolerance, args.confidence)
+                   for n, s in jobs]
         rows = [row for f in futures for row in f.result()["rows"]]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2), "utf-8")

@@ -68,9 +68,11 @@ from batchroute.calibrate.tomlio import (
 )
 from batchroute.calibrate.types import (
     DEFAULT_AGREE_FRACTIONS,
+    DEFAULT_CONFIDENCE,
     DEFAULT_K_GRID,
     DEFAULT_MAX_RUNGS,
     DEFAULT_SCORER_FOLDS,
+    DEFAULT_TOLERANCE,
     SCORER,
     SCORER_KEEP_SHARES,
     Calibration,
@@ -97,6 +99,8 @@ __all__ = [
     "DEFAULT_K_GRID",
     "DEFAULT_MAX_RUNGS",
     "DEFAULT_SCORER_FOLDS",
+    "DEFAULT_TOLERANCE",
+    "DEFAULT_CONFIDENCE",
     "Policy",
     "Rung",
     "SCORER",
