@@ -268,11 +268,18 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
                 seed: int = 0, dim: int = DEFAULT_DIM, c: float = DEFAULT_C) -> list[float]:
     """Each row scored by a scorer fitted on the other folds: what a threshold must be
     chosen on, since in-sample scores are overconfident about the rows they fitted."""
+    return out_of_fold_models(rows, labels, folds, seed, dim, c)[0]
+
+
+def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[bool],
+                       folds: int, seed: int = 0, dim: int = DEFAULT_DIM,
+                       c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
+    """(out-of-fold scores, the fold scorers that gave them)."""
     import random
 
     n = len(rows)
     if n == 0:
-        return []
+        return [], []
     folds = max(2, min(folds, n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -280,13 +287,32 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
     for pos, i in enumerate(order):
         fold_of[i] = pos % folds
     out = [0.0] * n
+    models = []
     for f in range(folds):
         fit_idx = [i for i in range(n) if fold_of[i] != f]
         held = [i for i in range(n) if fold_of[i] == f]
         s = fit([rows[i] for i in fit_idx], [labels[i] for i in fit_idx], dim, c=c)
+        models.append(s)
         for i in held:
             out[i] = _proba(s, rows[i])
-    return out
+    return out, models
+
+
+def bagged(scorers: Sequence[Scorer], meta: Mapping[str, Any] | None = None) -> Scorer:
+    """One scorer whose logit is the mean of ``scorers``' logits (weights and bias
+    averaged). Written instead of a refit on all rows because a threshold chosen on
+    out-of-fold scores transfers to it: each fold model scores unseen rows the way
+    it scored its held-out fold, and so does their average; a refit on every row is
+    more confident than the scores the threshold was chosen on."""
+    if not scorers:
+        raise ValueError("no scorers to bag")
+    weights: dict[int, float] = {}
+    for s in scorers:
+        for i, w in s.weights.items():
+            weights[i] = weights.get(i, 0.0) + w / len(scorers)
+    first = scorers[0]
+    return Scorer(weights, sum(s.bias for s in scorers) / len(scorers), first.dim,
+                  first.prompt_chars, {**dict(meta or {}), "bagged": len(scorers)})
 
 
 def _logit(s: Scorer, row: Mapping[int, float]) -> float:

@@ -182,3 +182,16 @@ def test_policy_file_round_trip_scores_the_same() -> None:
         [r.model for r in calibration.tasks["qa"].policy.rungs]
     assert cal.evaluate(policy, records, loaded) == \
         cal.evaluate(calibration.tasks["qa"].policy, records, config)
+
+
+def test_bagged_scorer_averages_the_fold_models_logits() -> None:
+    from batchroute import scorer
+
+    a = scorer.Scorer({1: 2.0, 2: -1.0}, 0.5)
+    b = scorer.Scorer({1: 0.0, 3: 4.0}, -0.5)
+    bag = scorer.bagged([a, b], {"model": "m"})
+    row = {1: 1.0, 2: 1.0, 3: 0.5}
+    mean = (scorer._logit(a, row) + scorer._logit(b, row)) / 2
+    assert scorer._logit(bag, row) == pytest.approx(mean)
+    assert bag.meta is not None and bag.meta["bagged"] == 2
+    assert scorer.Scorer.from_dict(bag.to_dict()).weights == bag.weights

@@ -32,7 +32,8 @@ class ScorerBank:
     least a threshold. The threshold is chosen on *out-of-fold* scores (each training
     record scored by a scorer fitted on the other inner folds): in-sample scores are
     overconfident exactly on the records the threshold is chosen on. The scorer written
-    into the policy is then fitted on all the records given. Feature rows are hashed
+    into the policy is the average of those fold scorers (bagged), so the threshold
+    means on new queries what it meant on the out-of-fold scores. Feature rows are hashed
     once per (model, record) and reused by every fold of the cross-validation.
     """
 
@@ -69,18 +70,21 @@ class ScorerBank:
 
     def fit(self, task: str, records: Sequence[Record], model: str,
             ) -> tuple[list[float], scoring.Scorer]:
-        """(out-of-fold scores of ``records``, the scorer fitted on all of them)."""
+        """(out-of-fold scores of ``records``, the bagged scorer of their fold models)."""
         key = (task, model, tuple(r.id for r in records))
         cached = self._fits.get(key)
         if cached is not None:
             return cached
         rows = [self.row(r, model) for r in records]
         labels = [_label(r, model, 0) for r in records]
-        oof = scoring.out_of_fold(rows, labels, self.folds, self.seed, self.dim, self.c)
-        full = scoring.fit(rows, labels, self.dim, c=self.c,
-                           meta={"model": model, "task": task,
-                                 "label": "P(answer correct | prompt, answer)"})
-        self.fits += self.folds + 1
+        oof, fold_models = scoring.out_of_fold_models(rows, labels, self.folds, self.seed,
+                                                       self.dim, self.c)
+        # Bagged fold models, not a refit on all records: the threshold was chosen on
+        # the fold models' out-of-fold scores, and transfers to their average.
+        full = scoring.bagged(fold_models, meta={
+            "model": model, "task": task, "label": "P(answer correct | prompt, answer)",
+            "trained_on": len(records), "positives": int(sum(labels))})
+        self.fits += self.folds
         log.debug("scorer_fitted", task=task, model=model, records=len(records),
                   positives=sum(labels), weights=len(full.weights),
                   out_of_fold_auc=_auc(oof, labels))
