@@ -195,3 +195,16 @@ def test_bagged_scorer_averages_the_fold_models_logits() -> None:
     assert scorer._logit(bag, row) == pytest.approx(mean)
     assert bag.meta is not None and bag.meta["bagged"] == 2
     assert scorer.Scorer.from_dict(bag.to_dict()).weights == bag.weights
+
+
+def test_out_of_fold_on_a_prebuilt_design_matches_the_per_fit_path() -> None:
+    pytest.importorskip("sklearn")
+    from batchroute import scorer
+
+    rows = [scorer.features(f"question {i % 7}", "yes" if i % 3 else "no") for i in range(60)]
+    labels = [bool(i % 3) for i in range(60)]
+    slow, _ = scorer.out_of_fold_models(rows, labels, 4, seed=3)
+    matrix, columns = scorer.design(rows)
+    fast, models = scorer.out_of_fold_design(matrix, columns, labels, 4, seed=3)
+    assert fast == pytest.approx(slow, abs=1e-6)
+    assert len(models) == 4

@@ -77,6 +77,8 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         if not usable:
             raise CalibrationError(f"task {task!r}: no model of the routing config answered "
                                    f"every training query (unpriced: {', '.join(unknown)})")
+        if bank is not None:
+            bank.register(recs, usable)
         ref = choose_reference(recs, usable, pricer, reference)
         if not free_top:  # the ladder ends on the reference: nothing dearer is used
             usable = usable[: usable.index(ref) + 1]

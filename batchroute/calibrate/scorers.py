@@ -57,6 +57,29 @@ class ScorerBank:
         self._fits: dict[tuple[str, str, tuple[str, ...]],
                          tuple[list[float], scoring.Scorer]] = {}
         self.fits = 0
+        # model -> (record id -> row, design matrix, its columns) over every registered
+        # record: the features are sliced per fold instead of rebuilt per fit.
+        self._design: dict[str, tuple[dict[str, int], Any, list[int]]] = {}
+        self._registered: dict[str, list[Record]] = {}
+
+    def register(self, records: Sequence[Record], models: Sequence[str]) -> None:
+        """Records every later fit draws from (a task's training records), so each
+        model's design matrix is built once."""
+        for m in models:
+            known = self._registered.setdefault(m, [])
+            ids = {r.id for r in known}
+            known.extend(r for r in records if r.id not in ids)
+
+    def _matrix_for(self, model: str, records: Sequence[Record]) -> tuple[Any, list[int]]:
+        entry = self._design.get(model)
+        if entry is None or any(r.id not in entry[0] for r in records):
+            self.register(records, [model])
+            pool = self._registered[model]
+            matrix, columns = scoring.design([self.row(r, model) for r in pool])
+            entry = ({r.id: i for i, r in enumerate(pool)}, matrix, columns)
+            self._design[model] = entry
+        index, matrix, columns = entry
+        return matrix[[index[r.id] for r in records]], columns
 
     def row(self, record: Record, model: str) -> dict[int, float]:
         key = (model, record.id)
@@ -75,10 +98,10 @@ class ScorerBank:
         cached = self._fits.get(key)
         if cached is not None:
             return cached
-        rows = [self.row(r, model) for r in records]
         labels = [_label(r, model, 0) for r in records]
-        oof, fold_models = scoring.out_of_fold_models(rows, labels, self.folds, self.seed,
-                                                       self.dim, self.c)
+        matrix, columns = self._matrix_for(model, records)
+        oof, fold_models = scoring.out_of_fold_design(matrix, columns, labels, self.folds,
+                                                       self.seed, self.dim, self.c)
         # Bagged fold models, not a refit on all records: the threshold was chosen on
         # the fold models' out-of-fold scores, and transfers to their average.
         full = scoring.bagged(fold_models, meta={
