@@ -216,3 +216,15 @@ def test_out_of_fold_on_a_prebuilt_design_matches_the_per_fit_path() -> None:
     fast, models = scorer.out_of_fold_design(matrix, columns, labels, 4, seed=3)
     assert fast == pytest.approx(slow, abs=1e-6)
     assert len(models) == 4
+
+
+def test_default_reference_is_the_model_the_queries_asked_for() -> None:
+    from dataclasses import replace
+
+    from batchroute.replay import parse_record, record_json
+
+    records = [replace(r, model="mid") for r in labelled()]
+    assert parse_record(record_json(records[0])).model == "mid"
+    assert parse_record({**record_json(records[0]), "model": "auto"}).model is None
+    result = cal.calibrate(records, make_config(), try_agree=False).tasks["qa"]
+    assert result.reference == "mid" and result.policy.rungs[-1].model == "mid"

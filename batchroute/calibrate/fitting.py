@@ -103,7 +103,7 @@ def choose_reference(records: Sequence[Record], models: Sequence[str], pricer: _
                      reference: str | None = None) -> str:
     """The reference model of one task's records (see :func:`calibrate`)."""
     if reference is None:
-        asked = Counter(m for r in records if (m := getattr(r, "model", None)))
+        asked = Counter(r.model for r in records if r.model)
         if asked:
             reference = asked.most_common(1)[0][0]
     if reference is not None:
