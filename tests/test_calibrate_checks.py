@@ -228,3 +228,21 @@ def test_default_reference_is_the_model_the_queries_asked_for() -> None:
     assert parse_record({**record_json(records[0]), "model": "auto"}).model is None
     result = cal.calibrate(records, make_config(), try_agree=False).tasks["qa"]
     assert result.reference == "mid" and result.policy.rungs[-1].model == "mid"
+
+
+def test_prompt_ngrams_shared_by_nearly_every_prompt_are_left_out() -> None:
+    from batchroute import scorer
+
+    prompts = [f"Examples: two plus two is four. Question {i}: what is {i} plus one?"
+               for i in range(30)]
+    stop = scorer.stop_grams(prompts)
+    assert "examples" in stop and "plus one" in stop and "question" in stop
+    assert "7" not in stop
+    assert scorer.stop_grams(prompts[:5]) == frozenset()  # too few to tell
+    kept = scorer.features(prompts[7], "8", stop=stop)
+    assert len(kept) < len(scorer.features(prompts[7], "8"))
+    s = scorer.Scorer({1: 0.5}, 0.1, stop=stop)
+    again = scorer.Scorer.from_dict(s.to_dict())
+    assert again.stop == stop and again.score(prompts[7], "8") == s.score(prompts[7], "8")
+    with pytest.raises(scorer.ScorerError, match="stop"):
+        scorer.Scorer.from_dict({**s.to_dict(), "stop": [1]})

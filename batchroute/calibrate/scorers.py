@@ -61,10 +61,15 @@ class ScorerBank:
         # record: the features are sliced per fold instead of rebuilt per fit.
         self._design: dict[str, tuple[dict[str, int], Any, list[int]]] = {}
         self._registered: dict[str, list[Record]] = {}
+        self._stop: dict[str, frozenset[str]] = {}  # task -> prompt n-grams left out
 
     def register(self, records: Sequence[Record], models: Sequence[str]) -> None:
         """Records every later fit draws from (a task's training records), so each
         model's design matrix is built once."""
+        for task in {r.task for r in records} - set(self._stop):
+            self._stop[task] = scoring.stop_grams(
+                [scoring.prompt_text({"messages": r.messages}) for r in records
+                 if r.task == task])
         for m in models:
             known = self._registered.setdefault(m, [])
             ids = {r.id for r in known}
@@ -87,7 +92,7 @@ class ScorerBank:
         if row is None:
             prompt = scoring.prompt_text({"messages": record.messages})
             row = scoring.features(prompt, record.responses[model].samples[0].content,
-                                   self.dim)
+                                   self.dim, stop=self._stop.get(record.task, frozenset()))
             self._rows[key] = row
         return row
 
@@ -106,7 +111,8 @@ class ScorerBank:
         # the fold models' out-of-fold scores, and transfers to their average.
         full = scoring.bagged(fold_models, meta={
             "model": model, "task": task, "label": "P(answer correct | prompt, answer)",
-            "trained_on": len(records), "positives": int(sum(labels))})
+            "trained_on": len(records), "positives": int(sum(labels))},
+            stop=self._stop.get(task, frozenset()))
         self.fits += self.folds
         log.debug("scorer_fitted", task=task, model=model, records=len(records),
                   positives=sum(labels), weights=len(full.weights),
