@@ -60,6 +60,22 @@ def _progress() -> Progress:
                     transient=False)
 
 
+def _reuse_option(f: Any) -> Any:
+    """--reuse / --no-reuse (batchroute.reuse), the same on `run` and `submit`."""
+    return click.option(
+        "--reuse/--no-reuse", "reuse", default=None,
+        help="Answer reuse: identical requests (same model, normalised messages, parameters, "
+             "checks and config models) are answered once, within the batch and from earlier "
+             "batches in the store, at $0. Default: only deterministic requests "
+             "(temperature 0; an absent temperature is 1, not deterministic). --reuse: "
+             "every request, temperature or not; --no-reuse: none. Applies to the jobs this "
+             "command stores (a file stored before keeps its jobs' setting).")(f)
+
+
+def _reuse_mode(reuse: bool | None) -> str | None:
+    return None if reuse is None else "on" if reuse else "off"
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -118,10 +134,11 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
               callback=lambda _c, _p, v: _duration(v),
               help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
                    "failing; transient errors never fail a job before it.")
+@_reuse_option
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
         concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
-        fail_on_failed: bool, deadline: float) -> None:
+        fail_on_failed: bool, deadline: float, reuse: bool | None) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
     from batchroute.ingest import BatchInputError
@@ -143,7 +160,8 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         try:
             outcome = run_file(file, output, errors, obj.config, concurrency=concurrency,
                                on_ingested=ingested, on_progress=advance, strict=strict,
-                               budget_usd=budget_usd, deadline_s=deadline)
+                               budget_usd=budget_usd, deadline_s=deadline,
+                               reuse_mode=_reuse_mode(reuse))
         except (ConfigError, BatchInputError) as e:
             raise click.ClickException(str(e)) from None
     if report_json:
@@ -192,9 +210,10 @@ def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
               callback=lambda _c, _p, v: _duration(v),
               help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
                    "failing; transient errors never fail a job before it.")
+@_reuse_option
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
-           budget_usd: float | None, deadline: float) -> None:
+           budget_usd: float | None, deadline: float, reuse: bool | None) -> None:
     """Store FILE's jobs and put them on the queues; prints the batch id.
 
     Submitting the same file again finds the same batch and adds nothing twice.
@@ -211,7 +230,8 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             bar = progress.add_task("submitting", total=count_lines(file), detail="")
             result = ingest_file(obj.config, store, CeleryDispatcher(), file, name,
                                  progress=lambda n: progress.advance(bar, n), strict=strict,
-                                 budget_usd=budget_usd, deadline_s=deadline)
+                                 budget_usd=budget_usd, deadline_s=deadline,
+                                 reuse_mode=_reuse_mode(reuse))
     except BatchInputError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, OperationalError) as e:  # broker down
@@ -475,6 +495,15 @@ def _show_report(r: dict[str, Any]) -> None:
             ("escalation rate", f"{100 * r['escalation_rate']:.1f}%"),
             ("cost per success", f"${r['cost_per_success_usd']:.6f}"
              if r["cost_per_success_usd"] is not None else "-")]
+    reuse = r.get("reuse") or {}
+    if reuse.get("hits"):
+        split = r.get("savings_by_source") or {}
+        rows.append(("reused answers", f"{reuse['hits']} ({reuse['within_batch']} within the "
+                                       f"batch, {reuse['across_batches']} from earlier ones)"))
+        rows.append(("saved by routing / batch discount / reuse",
+                     f"${split.get('routing_usd', 0):.4f} / "
+                     f"${split.get('batch_discount_usd', 0):.4f} / "
+                     f"${split.get('reuse_usd', 0):.4f}"))
     res = r.get("resilience") or {}
     if res.get("provider_errors") or res.get("failovers"):
         rows.append(("provider errors", ", ".join(f"{k} {v}" for k, v in

@@ -19,6 +19,7 @@ from typing import Any
 from batchroute.breaker import BreakerConfig
 from batchroute.budget import BudgetConfig
 from batchroute.cascade import CascadeConfig, CascadeConfigError
+from batchroute.reuse import ReuseConfig, ReuseConfigError
 
 DEFAULT_CONFIG_NAME = "default.toml"
 SIM_BASE_URL = "sim://"
@@ -116,6 +117,7 @@ class Config:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)
     source: str = "<default>"
 
     def task(self, name: str | None) -> TaskProfile:
@@ -261,6 +263,15 @@ def _parse_cascade(t: Any) -> CascadeConfig:
         raise ConfigError(str(e)) from e
 
 
+def _parse_reuse(t: Any) -> ReuseConfig:
+    if not isinstance(t, dict):
+        raise ConfigError(f"reuse: expected a table, got {t!r}")
+    try:
+        return ReuseConfig.from_dict(t)
+    except ReuseConfigError as e:
+        raise ConfigError(str(e)) from e
+
+
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Build a Config from parsed TOML, checking every cross-reference."""
     providers = {n: _parse_provider(n, t) for n, t in data.get("providers", {}).items()}
@@ -282,6 +293,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
         breaker=BreakerConfig.from_dict(data.get("breaker", {})),
         budget=BudgetConfig.from_dict(data.get("budget", {})),
         cascade=_parse_cascade(data.get("cascade", {})),
+        reuse=_parse_reuse(data.get("reuse", {})),
         source=source,
     )
     from batchroute.pricing import check_prices

@@ -37,7 +37,7 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
              on_ingested: Callable[[IngestResult], None] | None = None,
              on_progress: Callable[[dict[str, int]], None] | None = None,
              strict: bool = False, budget_usd: float | None = None,
-             deadline_s: float | None = None) -> RunOutcome:
+             deadline_s: float | None = None, reuse_mode: str | None = None) -> RunOutcome:
     config = config or load_config()
     check_api_keys(config)
     store = store or Store()
@@ -46,7 +46,7 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
     try:
         ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd,
-                             deadline_s=deadline_s)
+                             deadline_s=deadline_s, reuse_mode=reuse_mode)
         # Nobody else works on this batch: jobs an interrupted run left "running" (and jobs
         # cancelled) run again, at a new attempt number so the ledger keeps the old one.
         reclaim_for_local_run(store, config, ingest.batch_id)

@@ -58,10 +58,19 @@ def render_html(report: dict[str, Any]) -> str:
              ("baseline", f"${r['baseline_cost_usd']:.4f}"),
              ("savings", f"{r['savings_pct']:.1f}%"),
              ("escalation rate", f"{100 * r['escalation_rate']:.1f}%")]
+    reuse = r.get("reuse") or {}
+    if reuse.get("hits"):  # answers copied from identical requests (batchroute.reuse_run)
+        cards.append(("reused answers", f"{reuse['hits']:,} (${reuse['saved_usd']:.4f} saved)"))
     charts = [
         _bars("Cost vs baseline", [("batchroute", r["cost_usd"]),
                                    ("all on reference model", r["baseline_cost_usd"])],
               chart_id="chart-savings"),
+        _bars("Saving by source", [
+            ("routing to cheaper tiers", (r.get("savings_by_source") or {}).get("routing_usd", 0)),
+            ("provider batch discount",
+             (r.get("savings_by_source") or {}).get("batch_discount_usd", 0)),
+            ("answer reuse", (r.get("savings_by_source") or {}).get("reuse_usd", 0))],
+              chart_id="chart-saving-sources"),
         _bars("Cost by tier", [(f"tier {k}", v["cost_usd"]) for k, v in r["by_tier"].items()],
               chart_id="chart-tier"),
         _bars("Cost by model", [(k, v["cost_usd"]) for k, v in r["by_model"].items()],

@@ -25,6 +25,7 @@ from batchroute.chunkpool import OrderedPool, default_workers
 from batchroute.config import Config
 from batchroute.dispatch import Dispatcher
 from batchroute.jobspec import MAX_CUSTOM_ID, JobSpec, LineProblem, parse_line
+from batchroute.reuse import ReuseSettings, reuse_key, settings_for
 from batchroute.router import RouteError, pick_model, route
 from batchroute.store import QUEUED, Store, utcnow
 from batchroute.store_bulk import JobLoader, encode_job, finish_encode, pre_encode
@@ -120,18 +121,23 @@ def job_id(batch_id: str, custom_id: str) -> str:
     return "j" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:23]
 
 
-def job_row(config: Config, batch_id: str, spec: JobSpec, line_no: int) -> dict[str, Any]:
-    """Route a parsed line and turn it into a Job row (raises RouteError)."""
+def job_row(config: Config, batch_id: str, spec: JobSpec, line_no: int,
+            reuse: ReuseSettings | None = None) -> dict[str, Any]:
+    """Route a parsed line and turn it into a Job row (raises RouteError). `reuse`: the
+    batch's answer-reuse settings (None: the config's default mode)."""
     tokens = count_messages(spec.body["messages"])
     r = route(config, spec, tokens)
     model = pick_model(config, r.start_tier, spec.pin)
     if model is None:  # pragma: no cover - route() only keeps tiers that have models
         raise RouteError(f"no model serves tier {r.start_tier}")
     now = utcnow()
+    options = spec.options
+    key = reuse_key(spec.body, options, spec.task, config.task(spec.task),
+                    reuse or settings_for(config))
     return {
         "id": job_id(batch_id, spec.custom_id), "batch_id": batch_id,
         "custom_id": spec.custom_id, "line_no": line_no, "task": spec.task, "body": spec.body,
-        "options": spec.options | {"route_reason": r.reason},
+        "options": options | {"route_reason": r.reason}, "reuse_key": key,
         "reference_model": r.reference_model, "ladder": list(r.ladder),
         "tier_index": r.start_index, "tier": model.tier, "model": model.name,
         "provider": model.provider, "state": QUEUED, "attempt_no": 1,
@@ -160,7 +166,7 @@ def _lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, byte
 
 
 def _parse(config: Config, batch_id: str, line_no: int, raw: bytes | str | LineProblem,
-           seen: set[str]) -> dict[str, Any]:
+           seen: set[str], reuse: ReuseSettings | None = None) -> dict[str, Any]:
     """One line to a Job row, or LineProblem/RouteError naming what is wrong."""
     if isinstance(raw, LineProblem):
         raise raw
@@ -169,7 +175,7 @@ def _parse(config: Config, batch_id: str, line_no: int, raw: bytes | str | LineP
         raise LineProblem(f"custom_id: duplicate {spec.custom_id!r} (custom_id must be "
                           "unique within a batch)", spec.custom_id)
     seen.add(spec.custom_id)
-    return job_row(config, batch_id, spec, line_no)
+    return job_row(config, batch_id, spec, line_no, reuse)
 
 
 def check_lines(config: Config, path: Path) -> int:
@@ -177,10 +183,11 @@ def check_lines(config: Config, path: Path) -> int:
     the first bad one. Returns the number of lines."""
     seen: set[str] = set()
     count = 0
+    reuse = settings_for(config)
     for line_no, raw in _lines(path):
         count += 1
         try:
-            _parse(config, "strict-check", line_no, raw, seen)
+            _parse(config, "strict-check", line_no, raw, seen, reuse)
         except (LineProblem, RouteError) as e:
             raise StrictError(path, line_no, str(e)) from None
     return count
@@ -193,12 +200,12 @@ def check_lines(config: Config, path: Path) -> int:
 _Entry = tuple[Any, ...]
 
 
-def _parse_chunk(state: tuple[Config, str, str],
+def _parse_chunk(state: tuple[Config, str, str, ReuseSettings],
                  chunk: list[tuple[int, bytes | str | LineProblem]]) -> list[_Entry]:
     """Parse and route a chunk of lines; runs in a parser process (or in-process).
     `encode`: "copy" turns rows into COPY text, "pre" all but the columns the adaptive
     cascade may still change (store_bulk.pre_encode), "" leaves them as dicts."""
-    config, batch_id, encode = state
+    config, batch_id, encode, reuse = state
     out: list[_Entry] = []
     for line_no, raw in chunk:
         try:
@@ -209,7 +216,7 @@ def _parse_chunk(state: tuple[Config, str, str],
             out.append(("p", line_no, e.custom_id, str(e), None))
             continue
         try:
-            row = job_row(config, batch_id, spec, line_no)
+            row = job_row(config, batch_id, spec, line_no, reuse)
         except RouteError as e:
             out.append(("p", line_no, getattr(e, "custom_id", None), str(e), spec.custom_id))
             continue
@@ -250,7 +257,7 @@ def storable(text: str | None, limit: int) -> str | None:
 def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, batch_id: str,
                  lines: Iterable[tuple[int, bytes | str | LineProblem]],
                  progress: Callable[[int], None] | None = None,
-                 workers: int = 0) -> IngestResult:
+                 workers: int = 0, reuse_mode: str | None = None) -> IngestResult:
     """Parse, store and publish a chunk at a time; `dispatcher=None` stores without publishing.
 
     With `workers` > 0, that many forked processes parse ahead while this one stores
@@ -259,7 +266,8 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
     the first occurrence wins whatever the number of workers. Only rows that were new are
     published with their first attempt; rows already stored (the same file submitted
     again) are published again only if still queued, which duplicates nothing: a worker
-    must claim (job, attempt) before it runs it.
+    must claim (job, attempt) before it runs it. `reuse_mode`: "auto", "on" or "off"
+    (batchroute.reuse; None: the config's), fixed in each job's reuse key.
     """
     result = IngestResult(batch_id=batch_id)
     seen: set[str] = set()
@@ -317,7 +325,8 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
         if progress is not None:
             progress(len(entries))
 
-    with OrderedPool(_parse_chunk, (config, batch_id, encode), workers) as pool:
+    reuse = settings_for(config, reuse_mode)
+    with OrderedPool(_parse_chunk, (config, batch_id, encode, reuse), workers) as pool:
         for entries in pool.map(_chunks(lines, CHUNK)):
             store_chunk(entries)
     result.jobs = result.lines - result.problem_count
@@ -346,16 +355,17 @@ def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, pat
                 name: str | None = None,
                 progress: Callable[[int], None] | None = None,
                 strict: bool = False, budget_usd: float | None = None,
-                deadline_s: float | None = None) -> IngestResult:
+                deadline_s: float | None = None, reuse_mode: str | None = None) -> IngestResult:
     """Store (and publish) a file's jobs; raises BatchInputError, before storing anything,
-    for a file that cannot be taken at all (or, with `strict`, has any bad line)."""
+    for a file that cannot be taken at all (or, with `strict`, has any bad line).
+    `reuse_mode` applies to new jobs only: a file submitted again keeps its stored keys."""
     check_file(path)
     if strict:
         check_lines(config, path)
     batch_id = file_batch_id(path)
     store.ensure_batch(batch_id, name or path.name, str(path), budget_usd, deadline_s)
     result = ingest_lines(config, store, dispatcher, batch_id, _lines(path), progress,
-                          workers=ingest_workers(path))
+                          workers=ingest_workers(path), reuse_mode=reuse_mode)
     store.update_batch(batch_id, total_lines=result.lines, error_lines=result.problem_count,
                        state="running")
     log.info("batch_ingested", batch_id=batch_id, lines=result.lines, jobs=result.jobs,

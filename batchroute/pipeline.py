@@ -27,6 +27,7 @@ from batchroute.providers import ProviderError, call
 from batchroute.providers.base import ErrorKind
 from batchroute.providers.retry_after import capped
 from batchroute.ratelimit import Grant
+from batchroute.reuse_run import try_reuse
 from batchroute.router import pick_model
 from batchroute.runtime import Runtime
 from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
@@ -145,6 +146,10 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     if job.model not in rt.config.models:
         return _finish_failed(rt, writes, job, "unknown_model",
                               f"model {job.model!r} is not in the routing config any more")
+    if attempt_no == 1 and job.reuse_key:  # an identical request's answer, or wait for it
+        reused = try_reuse(rt, job, writes)
+        if reused is not None:
+            return reused
     if attempt_no == 1 and rt.cascade.enabled:  # the adaptive cascade may skip the start tier
         job, moved = cascade_start(rt, job)
         if moved is not None:

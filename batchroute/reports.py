@@ -15,7 +15,9 @@ from batchroute.adaptive import cascade_report
 from batchroute.completion import Usage
 from batchroute.config import Config
 from batchroute.pricing import reference_cost
+from batchroute.reuse_run import REUSED
 from batchroute.store import FAILED, FINISHED, SUCCEEDED, Attempt, Store
+from batchroute.store_reuse import reused_from
 
 
 def _bucket() -> dict[str, Any]:
@@ -72,6 +74,15 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
     failed jobs included. ``cascade``: per task and tier, pass rates, mean cost per
     answered attempt, cost per accepted output, and the adaptive router's decisions with
     their expected costs (`batchroute.adaptive.cascade_report`).
+
+    Answer reuse (`batchroute.reuse_run`): a reused job has one $0 attempt (outcome
+    "reused", counted in ``attempts``) and is priced in the baseline from the tokens of
+    the answer it copied. ``reuse`` counts the hits (within this batch, from earlier
+    batches) and the money saved: what the jobs whose answers were copied paid for them,
+    every attempt included. ``savings_by_source`` splits ``savings_usd`` (baseline minus
+    cost) into ``reuse_usd`` (that saving), ``batch_discount_usd`` (provider batch APIs:
+    not implemented yet, always 0) and ``routing_usd``, the rest: what routing to cheaper
+    tiers saved (negative if escalations cost more than the reference models would have).
     """
     batch = store.get_batch(batch_id)
     jobs = store.job_summaries(batch_id)
@@ -96,6 +107,14 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
             _add_attempt(groups["by_tag"][tag], a.cost_usd, tokens)
         if a.outcome != "error":
             last_usage[a.job_id] = Usage(a.prompt_tokens, a.completion_tokens, a.cached_tokens)
+
+    reused = reused_from(store, {a.job_id for a in attempts if a.outcome == REUSED})
+    reuse_saved, within = 0.0, 0
+    for jid, info in reused.items():
+        reuse_saved += float(info.get("cost_usd") or 0.0)
+        within += bool(info.get("within_batch"))
+        usage = info.get("usage") or [0, 0, 0]
+        last_usage[jid] = Usage(int(usage[0]), int(usage[1]), int(usage[2]))
 
     counts: dict[str, int] = defaultdict(int)
     baseline, unpriced, escalated = 0.0, 0, 0
@@ -142,6 +161,14 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         "unpriced_reference_jobs": unpriced,
         "budget_usd": batch.budget_usd if batch else None,
     }
+    batch_discount = 0.0  # provider batch mode (#18) is not implemented yet
+    report["reuse"] = {"hits": len(reused), "within_batch": within,
+                       "across_batches": len(reused) - within,
+                       "saved_usd": round(reuse_saved, 8)}
+    report["savings_by_source"] = {
+        "routing_usd": round(baseline - cost - reuse_saved - batch_discount, 8),
+        "batch_discount_usd": round(batch_discount, 8),
+        "reuse_usd": round(reuse_saved, 8)}
     report["resilience"] = resilience(attempts)
     for key, buckets in groups.items():
         report[key] = {

@@ -51,7 +51,8 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
     in ``response``, next to batchroute's own ``error.code``."""
     meta = {"task": job.task, "tier": job.tier, "provider": job.provider, "model": job.model,
             "attempts": n_attempts, "cost_usd": round(cost, 8), "escalations": job.escalations,
-            "validators": job.verdicts, "reference_model": job.reference_model}
+            "validators": job.verdicts, "reference_model": job.reference_model,
+            "reused_from": _reused_from(job)}
     line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
     if job.state == SUCCEEDED and job.result is not None:
         line["response"] = {"status_code": 200,
@@ -66,6 +67,15 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
         line["error"] = error
     line["batchroute"] = meta
     return line
+
+
+def _reused_from(job: Job) -> dict[str, Any] | None:
+    """Whose answer a reused job copied (batchroute.reuse_run): that job's custom_id and
+    batch id; None when the job's answer was its own."""
+    info = (job.options or {}).get("reused_from")
+    if not isinstance(info, dict):
+        return None
+    return {"custom_id": info.get("custom_id"), "batch_id": info.get("batch_id")}
 
 
 def same_file(a: Path, b: Path) -> bool:

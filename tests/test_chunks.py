@@ -281,3 +281,40 @@ def test_held_finishes_are_written_together_and_never_left_behind() -> None:
     assert len(ledger.batches) == 2 and ledger.single == []
     pipeline.Writes(rt, defer=False).finish(jobs[0], None, state=SUCCEEDED)
     assert ledger.single == ["j0"] and len(ledger.batches) == 2  # one job: written at once
+
+
+_FORK_UNDER_A_CONSUMER = """
+import sys, time
+import kombu
+from batchroute.chunkpool import OrderedPool
+
+from queue import Empty
+
+# A consumer that waited and timed out, as `control.inspect()` or a result wait does: its
+# BRPOP is still in flight on the pooled connection.
+pool = kombu.Connection(sys.argv[1], transport_options={"brpop_timeout": 60}).Pool(limit=1)
+conn = pool.acquire(block=True)
+try:
+    conn.SimpleQueue("batchroute-test-fork-nothing").get(timeout=0.5)
+except Empty:
+    pass
+assert conn.default_channel._in_poll
+start = time.monotonic()
+with OrderedPool(pow, 2, workers=2) as workers:
+    print(list(workers.map(range(5))), round(time.monotonic() - start, 1))
+"""
+
+
+def test_forked_parsers_do_not_hang_on_the_parents_broker_consumer(redis_url: str) -> None:
+    """kombu's after-fork hook closes inherited pools, and closing a channel with a BRPOP in
+    flight reads the parent's socket: a fork under a waiting consumer used to hang the
+    ingest until the BRPOP timed out (forever with Celery's reply consumers)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORK_UNDER_A_CONSUMER, redis_url],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    squares, elapsed = done.stdout.rsplit("]", 1)
+    assert squares + "]" == "[1, 2, 4, 8, 16]"
+    assert float(elapsed) < 20, f"the forked workers waited {elapsed} s for the BRPOP"

@@ -35,7 +35,8 @@ import pytest
 
 from .conftest import REDIS_URL, ROOT
 
-pytestmark = pytest.mark.readme
+# A fresh venv and pip installs from PyPI: minutes, more on a slow mirror.
+pytestmark = [pytest.mark.readme, pytest.mark.timeout(1800)]
 
 README = ROOT / "README.md"
 BLOCK_RE = re.compile(r"```(?:bash|sh|shell|console)\n(.*?)```", re.S)

@@ -189,10 +189,12 @@ def test_sigkilled_workers_lose_nothing_and_bill_nothing_twice(
              interval=1.0)
     elapsed = time.monotonic() - started
     ledger = check_exactly_once(store, batch_id, jobs, tmp_path, sim)
-    # The kills did hit calls in flight: their runs were found dead and their numbers kept,
-    # and the messages the dead workers had reserved were published again.
+    # The kills did hit calls in flight: their runs were found dead and their numbers kept.
+    # The messages the dead workers had reserved come back either through kombu's own
+    # restore of unacked messages or through the sweeper (`republished`): which one wins
+    # the race varies from run to run, and check_exactly_once holds either way (the
+    # sweeper's republish rules are tested in test_recovery.py).
     assert swept["dead_requeued"] > 0 and ledger["lost"] > 0
-    assert swept["republished"] > 0
     print(f"2000 jobs, 3 SIGKILLs: {elapsed:.1f}s, {ledger['attempts']} attempts, "
           f"{ledger['lost']} lost runs, sweeps {dict(swept)}")
 
