@@ -143,9 +143,12 @@ def header(cal: Calibration) -> str:
         kept, base = c.cv.kept, c.cv.baseline
         saving = 1 - kept.cost_usd / base.cost_usd if base.cost_usd else 0.0
         diff, low = c.cv.paired.get(c.cv.chosen.label(), (0.0, 0.0))
+        what = ("difference" if cal.target.kind == "best"
+                else "above the target's floor by" if cal.target.kind != "cost"
+                else "accuracy difference")
         lines.append(f"  out of fold ({c.cv.repeats}x{c.cv.folds} folds of the training "
                      f"data, kept {c.cv.chosen.label()}): accuracy {kept.accuracy:.4f} vs "
-                     f"{base.accuracy:.4f} for {ref} alone; difference {100 * diff:+.2f} "
+                     f"{base.accuracy:.4f} for {ref} alone; {what} {100 * diff:+.2f} "
                      f"points (lower {c.cv.confidence:.0%} bound {100 * low:+.2f}); "
                      f"saving {saving:.1%} of its cost"
                      f"{'' if c.met else '  (target not met on the training data)'}")
