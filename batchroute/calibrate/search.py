@@ -81,12 +81,14 @@ def _prepare(task: str, records: list[Record], models: list[str], config: Config
     options = [[] if j == len(models) - 1 or max_rungs < 2  # the dearest model: top only
                else _rung_options(records, m, task_checks, config, pricer, k_grid, fractions)
                for j, m in enumerate(models)]
-    agree = agree_template(task_checks) if checks_agree else None
-    keys = [answer_keys(records, m, agree or {}) for m in models]
+    # Answers compare as the task's consensus check compares them (its extract, case).
+    template = agree_template(task_checks)
+    agree = template if checks_agree else None
+    keys = [answer_keys(records, m, template) for m in models]
     if checks_answer_in and max_rungs >= 2:
         for j, m in enumerate(models[:-1]):
             options[j] += _answer_in_options(records, m, keys[j], top_correct[j],
-                                             top_cost[j], agree or {})
+                                             top_cost[j], template)
     if bank is not None and max_rungs >= 2:
         frontier = set(_frontier(models, singles))
         for j, m in enumerate(models[:-1]):
