@@ -601,8 +601,9 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the calibrated routing config (TOML).")
 @click.option("--target", default=None,
-              help="best-accuracy (default: at least the best single model's accuracy), "
-                   "an accuracy such as 0.9, or a share of the best model's such as 95%.")
+              help="best-accuracy (default: at least the reference model's accuracy, out "
+                   "of fold, within --tolerance), an accuracy such as 0.9, or a share of the "
+                   "reference's such as 95%.")
 @click.option("--max-cost-usd", type=float, default=None,
               help="Instead of an accuracy target: mean USD per query, at best accuracy.")
 @click.option("--max-rungs", default=3, show_default=True, help="Longest ladder to consider.")
@@ -619,11 +620,30 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
 @click.option("--scorer-folds", default=5, show_default=True,
               help="Inner folds giving the out-of-fold scores scorer thresholds are "
                    "chosen on.")
+@click.option("--reference", default=None,
+              help="The model accuracy is held against and savings reported against; the "
+                   "top rung of every ladder. Default: the records' requested model (the "
+                   "most common), else the most accurate single model on TRAIN.")
+@click.option("--free-top", is_flag=True,
+              help="Let a ladder end on another model than the reference (any model).")
+@click.option("--tolerance", default=0.003, show_default=True,
+              help="Accuracy a policy may lose to the reference, out of fold, as a share "
+                   "(0.003 = 0.3 points).")
+@click.option("--confidence", default=0.9, show_default=True,
+              help="One-sided confidence of the paired lower bound a policy must clear.")
+@click.option("--agree/--no-agree", "try_agree", default=True, show_default=True,
+              help="Let a rung keep its answer when it agrees with the rungs' below "
+                   "(validator `agree`).")
+@click.option("--answer-in/--no-answer-in", "try_answer_in", default=True, show_default=True,
+              help="Let a rung keep only the labels its model is most often right on "
+                   "(validator `answer_in`; label-like answers only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @click.pass_obj
 def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
               max_cost_usd: float | None, max_rungs: int, cv_folds: int, seed: int,
-              use_scorer: bool | None, scorer_folds: int, as_json: bool) -> None:
+              use_scorer: bool | None, scorer_folds: int, reference: str | None,
+              free_top: bool, tolerance: float, confidence: float, try_agree: bool,
+              try_answer_in: bool, as_json: bool) -> None:
     """Fit the cheapest routing policy that meets a target on TRAIN, a labelled replay file.
 
     The routing config (--config) prices the models and lists the checks each task may
@@ -647,9 +667,13 @@ def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
                        "(pip install 'batchroute[calibrate]')", err=True)
     try:
         records = load_records(train)
-        result = cal.calibrate(records, obj.config, cal.Target.parse(target, max_cost_usd),
+        result = cal.calibrate(records, obj.config,
+                               cal.Target.parse(target, max_cost_usd, tolerance=tolerance,
+                                                confidence=confidence),
                                max_rungs=max_rungs, source=str(train), cv_folds=cv_folds,
-                               seed=seed, scorer_folds=scorer_folds if use_scorer else 0)
+                               seed=seed, scorer_folds=scorer_folds if use_scorer else 0,
+                               reference=reference, free_top=free_top, try_agree=try_agree,
+                               try_answer_in=try_answer_in)
         data = cal.policy_config(result, obj.config, cal.load_raw_config(obj.config),
                                  scorer_dir=cal.scorer_dir_for(output), base=output.parent)
         output.write_text(cal.to_toml(data, cal.header(result)), "utf-8")

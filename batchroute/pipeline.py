@@ -194,7 +194,8 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     if completion is not None:
         completion = consensus.majority_first(completion, specs)  # the voted answer first
         verdicts = run_validators(build_for_run(specs, rt.config.custom_validators),
-                                  completion, request=job.body)
+                                  completion, request=job.body,
+                                  earlier=earlier_answers(job.escalations))
         ok = passed(verdicts)
         row["outcome"] = "ok" if ok else "invalid"
         row["reason"] = "" if ok else failure_reason(verdicts)
@@ -314,6 +315,16 @@ def _wait_for_capacity(rt: Runtime, job: Job, grant: Grant, jlog: Any) -> str:
     return "throttled"
 
 
+#: Longest answer an escalation record keeps for a later rung's `agree` check (longer
+#: answers are not kept: they rarely match verbatim, and the record is stored per job).
+MAX_KEPT_ANSWER = 4000
+
+
+def earlier_answers(escalations: list[dict[str, Any]]) -> list[str]:
+    """The answers of the rungs a job escalated from, oldest first (`agree` votes)."""
+    return [e["answer"] for e in escalations if isinstance(e.get("answer"), str)]
+
+
 def _validator_specs(rt: Runtime, job: Job, tier: int) -> list[dict[str, Any]]:
     """The checks of an attempt at `tier`: the task profile's and the job's, each once,
     minus those a ``"tiers"`` list limits to other tiers."""
@@ -406,6 +417,9 @@ def _apply(rt: Runtime, writes: Writes, job: Job, model: ModelConfig, attempt: A
         if next_model.tier != model.tier:
             escalations.append({"from_tier": model.tier, "to_tier": next_model.tier,
                                 "from_model": model.name, "reason": decision.reason[:300]})
+            if completion is not None and len(completion.content) <= MAX_KEPT_ANSWER:
+                # What this rung answered, for an `agree` check on a later rung.
+                escalations[-1]["answer"] = completion.content
             passed_over = list(job.ladder[job.tier_index + 1:tier_index])
             if passed_over:
                 escalations[-1]["skipped_tiers"] = passed_over

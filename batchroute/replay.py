@@ -82,6 +82,9 @@ class Record:
     responses: dict[str, Response]
     reference: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The model the query asked for (a batch line's body.model): calibration's default
+    # reference model, the one accuracy and savings are held against.
+    model: str | None = None
 
     @property
     def key(self) -> str:
@@ -163,11 +166,15 @@ def parse_record(obj: Any, where: str = "record") -> Record:
     task = obj.get("task", "default")
     if not isinstance(task, str) or not task:
         raise ReplayFormatError(f"{where}.task: expected a non-empty string")
+    asked = obj.get("model")
+    if asked is not None and (not isinstance(asked, str) or not asked):
+        raise ReplayFormatError(f"{where}.model: expected the requested model's name")
     return Record(
         id=str(rid), task=task, messages=normalise_messages(messages),
         responses={str(m): _response(r, f"{where}.responses.{m}") for m, r in responses.items()},
         reference=None if reference is None else str(reference),
         metadata=dict(obj.get("metadata") or {}),
+        model=None if asked in (None, "auto") else asked,
     )
 
 
@@ -203,6 +210,8 @@ def record_json(record: Record) -> dict[str, Any]:
                            "reference": record.reference, "responses": responses}
     if record.metadata:
         out["metadata"] = record.metadata
+    if record.model:
+        out["model"] = record.model
     return out
 
 

@@ -71,8 +71,12 @@ def _ngrams(text: str) -> set[str]:
 
 
 def features(prompt: str, answer: str, dim: int = DEFAULT_DIM,
-             prompt_chars: int = DEFAULT_PROMPT_CHARS) -> dict[int, float]:
-    """Hashed sparse features of (prompt, answer): index -> value, deterministic."""
+             prompt_chars: int = DEFAULT_PROMPT_CHARS,
+             stop: frozenset[str] = frozenset()) -> dict[int, float]:
+    """Hashed sparse features of (prompt, answer): index -> value, deterministic.
+
+    ``stop``: prompt n-grams left out (those shared by nearly every training prompt,
+    such as a few-shot prefix): they say nothing about one query and dilute the rest."""
     out: dict[int, float] = {}
 
     def add(name: str, value: float) -> None:
@@ -82,6 +86,8 @@ def features(prompt: str, answer: str, dim: int = DEFAULT_DIM,
     tail = prompt[-prompt_chars:] if prompt_chars > 0 else prompt
     for ns, text in (("p", tail), ("a", answer)):
         grams = _ngrams(text)
+        if ns == "p" and stop:
+            grams -= stop
         if grams:
             w = 1.0 / math.sqrt(len(grams))
             for g in sorted(grams):  # sorted: the float sums do not depend on set order
@@ -111,22 +117,26 @@ class Scorer:
     dim: int = DEFAULT_DIM
     prompt_chars: int = DEFAULT_PROMPT_CHARS
     meta: Mapping[str, Any] | None = None  # model, task, training size: for humans
+    stop: frozenset[str] = frozenset()  # prompt n-grams left out (see features)
 
     def logit(self, prompt: str, answer: str) -> float:
-        return _logit(self, features(prompt, answer, self.dim, self.prompt_chars))
+        return _logit(self, features(prompt, answer, self.dim, self.prompt_chars, self.stop))
 
     def score(self, prompt: str, answer: str) -> float:
         """P(answer correct): the logistic of the logit."""
-        return _proba(self, features(prompt, answer, self.dim, self.prompt_chars))
+        return _proba(self, features(prompt, answer, self.dim, self.prompt_chars, self.stop))
 
     def score_request(self, request: Mapping[str, Any] | None, answer: str) -> float:
         return self.score(prompt_text(request), answer)
 
     def to_dict(self) -> dict[str, Any]:
         items = sorted(self.weights.items())
-        return {"format": FORMAT, "dim": self.dim, "prompt_chars": self.prompt_chars,
-                "bias": self.bias, "indices": [i for i, _ in items],
-                "weights": [w for _, w in items], "meta": dict(self.meta or {})}
+        out = {"format": FORMAT, "dim": self.dim, "prompt_chars": self.prompt_chars,
+               "bias": self.bias, "indices": [i for i, _ in items],
+               "weights": [w for _, w in items], "meta": dict(self.meta or {})}
+        if self.stop:
+            out["stop"] = sorted(self.stop)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "scorer") -> Scorer:
@@ -153,8 +163,11 @@ class Scorer:
                    for w in ws):
             raise ScorerError(f"{where}.weights: expected finite numbers")
         meta = d.get("meta")
+        stop = d.get("stop", [])
+        if not isinstance(stop, list) or not all(isinstance(g, str) for g in stop):
+            raise ScorerError(f"{where}.stop: expected a list of strings")
         return cls(dict(zip(idx, (float(w) for w in ws), strict=True)), float(bias), dim,
-                   chars, dict(meta) if isinstance(meta, Mapping) else None)
+                   chars, dict(meta) if isinstance(meta, Mapping) else None, frozenset(stop))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")), "utf-8")
@@ -268,11 +281,18 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
                 seed: int = 0, dim: int = DEFAULT_DIM, c: float = DEFAULT_C) -> list[float]:
     """Each row scored by a scorer fitted on the other folds: what a threshold must be
     chosen on, since in-sample scores are overconfident about the rows they fitted."""
+    return out_of_fold_models(rows, labels, folds, seed, dim, c)[0]
+
+
+def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[bool],
+                       folds: int, seed: int = 0, dim: int = DEFAULT_DIM,
+                       c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
+    """(out-of-fold scores, the fold scorers that gave them)."""
     import random
 
     n = len(rows)
     if n == 0:
-        return []
+        return [], []
     folds = max(2, min(folds, n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -280,13 +300,103 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
     for pos, i in enumerate(order):
         fold_of[i] = pos % folds
     out = [0.0] * n
+    models = []
     for f in range(folds):
         fit_idx = [i for i in range(n) if fold_of[i] != f]
         held = [i for i in range(n) if fold_of[i] == f]
         s = fit([rows[i] for i in fit_idx], [labels[i] for i in fit_idx], dim, c=c)
+        models.append(s)
         for i in held:
             out[i] = _proba(s, rows[i])
-    return out
+    return out, models
+
+
+def stop_grams(prompts: Sequence[str], share: float = 0.9, min_prompts: int = 20,
+               prompt_chars: int = DEFAULT_PROMPT_CHARS) -> frozenset[str]:
+    """Prompt n-grams in at least ``share`` of ``prompts`` (a few-shot prefix, a fixed
+    instruction): left out of the features. Measured on MoT DATE's training halves they
+    raised out-of-fold AUC from 0.83-0.93 to 0.87-0.96 for most models. None with fewer
+    than ``min_prompts`` prompts (too few to tell shared from common)."""
+    if len(prompts) < min_prompts:
+        return frozenset()
+    counts: dict[str, int] = {}
+    for p in prompts:
+        tail = p[-prompt_chars:] if prompt_chars > 0 else p
+        for g in _ngrams(tail):
+            counts[g] = counts.get(g, 0) + 1
+    return frozenset(g for g, c in counts.items() if c >= share * len(prompts))
+
+
+def design(rows: Sequence[Mapping[int, float]]) -> tuple[Any, list[int]]:
+    """(CSR matrix of ``rows`` over the columns they use, those columns): built once per
+    model by calibration and sliced per fold, instead of once per fit."""
+    columns = _columns(rows)
+    return _matrix(rows, columns), columns
+
+
+def out_of_fold_design(matrix: Any, columns: Sequence[int], labels: Sequence[bool],
+                       folds: int, seed: int = 0, dim: int = DEFAULT_DIM,
+                       c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
+    """out_of_fold_models on rows of a prebuilt ``design`` matrix (same folds, same
+    seed). Columns no fitted row uses get weight 0 under L2, as if left out."""
+    import random
+
+    n = len(labels)
+    if n == 0:
+        return [], []
+    folds = max(2, min(folds, n))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    fold_of = [0] * n
+    for pos, i in enumerate(order):
+        fold_of[i] = pos % folds
+    out = [0.0] * n
+    models = []
+    for f in range(folds):
+        fit_idx = [i for i in range(n) if fold_of[i] != f]
+        held = [i for i in range(n) if fold_of[i] == f]
+        y = [int(bool(labels[i])) for i in fit_idx]
+        pos = sum(y)
+        if pos in (0, len(y)):
+            s = constant(pos / len(y) if y else 0.5, {"trained_on": len(y), "positives": pos})
+            z = [s.bias] * len(held)
+        else:
+            lr = _sklearn()(C=c, solver="liblinear", random_state=0, max_iter=1000)
+            lr.fit(matrix[fit_idx], y)
+            coef = lr.coef_[0]
+            s = Scorer({columns[j]: float(coef[j]) for j in coef.nonzero()[0]},
+                       float(lr.intercept_[0]), dim,
+                       meta={"trained_on": len(y), "positives": pos})
+            z = [float(v) for v in lr.decision_function(matrix[held])]
+        models.append(s)
+        for i, zi in zip(held, z, strict=True):
+            out[i] = _sigmoid(zi)
+    return out, models
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def bagged(scorers: Sequence[Scorer], meta: Mapping[str, Any] | None = None,
+           stop: frozenset[str] = frozenset()) -> Scorer:
+    """One scorer whose logit is the mean of ``scorers``' logits (weights and bias
+    averaged). Written instead of a refit on all rows because a threshold chosen on
+    out-of-fold scores transfers to it: each fold model scores unseen rows the way
+    it scored its held-out fold, and so does their average; a refit on every row is
+    more confident than the scores the threshold was chosen on."""
+    if not scorers:
+        raise ValueError("no scorers to bag")
+    weights: dict[int, float] = {}
+    for s in scorers:
+        for i, w in s.weights.items():
+            weights[i] = weights.get(i, 0.0) + w / len(scorers)
+    first = scorers[0]
+    return Scorer(weights, sum(s.bias for s in scorers) / len(scorers), first.dim,
+                  first.prompt_chars, {**dict(meta or {}), "bagged": len(scorers)}, stop)
 
 
 def _logit(s: Scorer, row: Mapping[int, float]) -> float:

@@ -4,6 +4,10 @@ One dataset (files written by benchmarks/convert_evaldata.py, or any replay file
 
     python benchmarks/replay.py --train DIR/train.jsonl --test DIR/test.jsonl [--json]
 
+An existing policy file (calibrated or hand-written) scored on test queries, no calibration::
+
+    python benchmarks/replay.py --policy policy.toml --test DIR/test.jsonl [--train DIR/train.jsonl]
+
 Every dataset of ../shared/evaldata with per-model correctness, one or more seeded
 splits, both targets (README table)::
 
@@ -34,6 +38,7 @@ import json
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -85,31 +90,78 @@ def _score_dict(score: cal.Score) -> dict[str, Any]:
             "cost_usd": round(score.cost_usd, 6)}
 
 
-def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
+def _policy_run_config(policy_file: Path, test_path: Path, workdir: Path) -> Path:
+    """A copy of ``policy_file`` whose simulator serves the test queries only, with
+    its scorer files named by absolute path (they are relative to the policy file)."""
+    data = tomllib.loads(policy_file.read_text("utf-8"))
+    base = policy_file.resolve().parent
+    for profile in (data.get("tasks") or {}).values():
+        for spec in profile.get("validators") or []:
+            if isinstance(spec.get("model_file"), str):
+                spec["model_file"] = str((base / spec["model_file"]).resolve())
+    data.setdefault("simulator", {})["replay"] = str(test_path.resolve())
+    out = workdir / "policy.toml"
+    out.write_text(cal.to_toml(data, f"# {policy_file} on {test_path}\n"), "utf-8")
+    return out
+
+
+def agreement_baseline(train: list[Record], test: list[Record], config: Config,
+                       reference: str, task: str) -> dict[str, Any] | None:
+    """The untrained rule "two cheap models agree, else the reference", its two cheap
+    models the most accurate of those cheaper than the reference on ``train`` (on the
+    test queries when no training file is given: hindsight, said so)."""
+    pick_on = train or test
+    singles = cal.single_scores(pick_on, config)
+    order = [m for m in cal.model_order(pick_on, config) if m in singles]
+    if reference not in order:
+        return None
+    cheap = sorted(order[: order.index(reference)], key=lambda m: -singles[m].correct)[:2]
+    if len(cheap) < 2:
+        return None
+    score = cal.evaluate(cal.agreement_rule(task, cheap, reference), test, config)
+    return {"models": cheap, "picked_on": "train" if train else "test (hindsight)",
+            **_score_dict(score)}
+
+
+def run_one(train_path: Path | None, test_path: Path, config_path: Path | None, workdir: Path,
             target: str | None = None, max_cost_usd: float | None = None,
             max_rungs: int = cal.DEFAULT_MAX_RUNGS, cv_folds: int = 5, seed: int = 0,
             concurrency: int = 32, scorer_folds: int = 0,
-            scorer_bank: cal.ScorerBank | None = None) -> dict[str, Any]:
+            scorer_bank: cal.ScorerBank | None = None,
+            policy_file: Path | None = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
-    config = load_config(config_path)
-    train, test = load_records(train_path), load_records(test_path)
+    train = load_records(train_path) if train_path else []
+    test = load_records(test_path)
     overlap = {r.key for r in train} & {r.key for r in test}
     if overlap:
         raise SystemExit(f"{len(overlap)} prompt(s) are in both {train_path} and {test_path}")
 
     started = time.perf_counter()
-    calibration = cal.calibrate(train, config, cal.Target.parse(target, max_cost_usd),
-                                max_rungs=max_rungs, source=str(train_path),
-                                cv_folds=cv_folds, seed=seed, scorer_folds=scorer_folds,
-                                scorer_bank=scorer_bank)
+    calibration: cal.Calibration | None = None
+    if policy_file is not None:  # score a policy as it is: nothing is fitted
+        calibrated = _policy_run_config(policy_file, test_path, workdir)
+        run_config = load_config(calibrated)
+        # Single models and the agreement rule need every model's price: the dataset's
+        # config when there is one (a calibrated policy keeps only its own models).
+        config = load_config(config_path) if config_path else run_config
+        policies = {t: cal.policy_from_config(run_config, t)
+                    for t in sorted({r.task for r in test})}
+    else:
+        assert config_path is not None and train_path is not None
+        config = load_config(config_path)
+        calibration = cal.calibrate(train, config, cal.Target.parse(target, max_cost_usd),
+                                    max_rungs=max_rungs, source=str(train_path),
+                                    cv_folds=cv_folds, seed=seed, scorer_folds=scorer_folds,
+                                    scorer_bank=scorer_bank)
+        calibrated = workdir / "calibrated.toml"
+        data = cal.policy_config(calibration, config, cal.load_raw_config(config),
+                                 scorer_dir=cal.scorer_dir_for(calibrated), base=workdir)
+        # The simulator answers the test queries only: nothing else is reachable in the run.
+        data.setdefault("simulator", {})["replay"] = str(test_path.resolve())
+        calibrated.write_text(cal.to_toml(data, cal.header(calibration)), "utf-8")
+        run_config = load_config(calibrated)
+        policies = {t: c.policy for t, c in calibration.tasks.items()}
     fit_s = time.perf_counter() - started
-    calibrated = workdir / "calibrated.toml"
-    data = cal.policy_config(calibration, config, cal.load_raw_config(config),
-                             scorer_dir=cal.scorer_dir_for(calibrated), base=workdir)
-    # The simulator answers the test queries only: nothing else is reachable in the run.
-    data.setdefault("simulator", {})["replay"] = str(test_path.resolve())
-    calibrated.write_text(cal.to_toml(data, cal.header(calibration)), "utf-8")
-    run_config: Config = load_config(calibrated)
 
     batch = workdir / "batch.jsonl"
     batch.write_text("".join(json.dumps(x) + "\n" for x in batch_lines(test)), "utf-8")
@@ -133,8 +185,8 @@ def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
     n = len(test)
     cost = float(outcome.report["cost_usd"])
 
-    offline = [cal.evaluate(c.policy, [r for r in test if r.task == t], config)
-               for t, c in calibration.tasks.items()]
+    offline = [cal.evaluate(p, [r for r in test if r.task == t], config)
+               for t, p in policies.items()]
     offline_correct = sum(s.correct for s in offline)
     offline_cost = sum(s.cost_usd for s in offline)
     singles = cal.single_scores(test, config)
@@ -142,14 +194,29 @@ def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
     reaching = [m for m, s in singles.items() if s.correct >= best_acc]
     comparator = min(reaching, key=lambda m: singles[m].cost_usd)
     ref = singles[comparator]
-    train_pick = {t: c.best_single for t, c in calibration.tasks.items()}
+    train_pick = ({t: c.best_single for t, c in calibration.tasks.items()}
+                  if calibration else {})
     picked = [m for m in set(train_pick.values()) if m in singles]
+    references = {t: p.rungs[-1].model for t, p in policies.items()}
+    ref_cost = sum(singles[m].cost_usd for m in set(references.values()) if m in singles)
+    ref_correct = sum(singles[m].correct for m in set(references.values()) if m in singles)
     result = {
-        "train": str(train_path), "test": str(test_path), "config": str(config_path),
-        "target": calibration.target.describe(), "queries": {"train": len(train), "test": n},
+        "train": str(train_path), "test": str(test_path),
+        "config": str(policy_file or config_path),
+        "target": calibration.target.describe() if calibration else "(policy file)",
+        "queries": {"train": len(train), "test": n},
         "scorer_folds": scorer_folds,
-        "policy": {t: c.policy.describe() for t, c in calibration.tasks.items()},
-        "calibration": calibration.to_dict(),
+        "policy": {t: p.describe() for t, p in policies.items()},
+        "calibration": calibration.to_dict() if calibration else None,
+        "reference": {"models": references, "correct": ref_correct,
+                      "cost_usd": round(ref_cost, 6),
+                      "accuracy_delta_points": round(100 * (correct - ref_correct) / n, 3)
+                      if n else 0.0,
+                      "savings_pct": round(100 * (1 - cost / ref_cost), 2) if ref_cost else None},
+        "agreement_rule": {t: agreement_baseline([r for r in train if r.task == t],
+                                                 [r for r in test if r.task == t], config,
+                                                 ref, t)
+                           for t, ref in references.items()},
         "calibrated_config": str(calibrated),
         "pipeline": {"accuracy": round(correct / n, 6) if n else 0.0, "correct": correct,
                      "cost_usd": round(cost, 6), "jobs": outcome.report["jobs"],
@@ -168,7 +235,8 @@ def run_one(train_path: Path, test_path: Path, config_path: Path, workdir: Path,
         "cost_share_of_best": round(cost / ref.cost_usd, 6) if ref.cost_usd else None,
         "savings_pct": round(100 * (1 - cost / ref.cost_usd), 2) if ref.cost_usd else None,
         "accuracy_delta": round((correct - ref.correct) / n, 6) if n else 0.0,
-        "target_met_on_test": _target_met(calibration.target, correct, cost, n, ref),
+        "target_met_on_test": (_target_met(calibration.target, correct, cost, n, ref)
+                               if calibration else None),
         "goal_met": bool(correct >= ref.correct and cost <= GOAL_COST_SHARE * ref.cost_usd),
         "seconds": {"calibrate": round(fit_s, 2), "run": round(run_s, 2)},
     }
@@ -220,7 +288,12 @@ def _summary(r: dict[str, Any]) -> str:
             f"accuracy {p['accuracy']:.4f} (best single {b['model']} {b['accuracy']:.4f}), "
             f"cost ${p['cost_usd']:.4f} = {100 * (r['cost_share_of_best'] or 0):.1f}% of "
             f"${b['cost_usd']:.4f}; policy {'; '.join(r['policy'].values())}; "
-            f"offline agrees: {r['offline_replay_agrees']}")
+            f"offline agrees: {r['offline_replay_agrees']}"
+            + "".join(f"; agreement rule ({t}: {', '.join(a['models'])}) accuracy "
+                      f"{a['accuracy']:.4f} at ${a['cost_usd']:.4f}"
+                      for t, a in (r.get("agreement_rule") or {}).items() if a)
+            + (f"; vs reference: {r['reference']['accuracy_delta_points']:+.2f} points, "
+               f"saving {r['reference']['savings_pct']}%" if r.get("reference") else ""))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -294,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="let calibration add learned per-query scorers (needs scikit-learn)")
     ap.add_argument("--scorer-folds", type=int, default=cal.DEFAULT_SCORER_FOLDS,
                     help="with --scorer: inner folds for out-of-fold scores")
+    ap.add_argument("--policy", type=Path, help="score this policy file (a routing config) "
+                                                "on --test instead of calibrating one")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--markdown", action="store_true", help="with --all: print a table")
     args = ap.parse_args(argv)
@@ -313,10 +388,18 @@ def main(argv: list[str] | None = None) -> int:
             print(pooled(rows))
             print(markdown(rows))
         return 0
-    if args.train is None or args.test is None:
-        ap.error("--train and --test are required (or --all)")
-    config = args.config or args.train.parent / "config.toml"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="batchroute-replay-"))
+    if args.policy is not None:
+        if args.test is None:
+            ap.error("--policy needs --test")
+        full = args.config or args.test.parent / "config.toml"
+        result = run_one(args.train, args.test, full if full.is_file() else None, workdir,
+                         policy_file=args.policy)
+        print(json.dumps(result, indent=2) if args.json else _summary(result))
+        return 0
+    if args.train is None or args.test is None:
+        ap.error("--train and --test are required (or --all, or --policy)")
+    config = args.config or args.train.parent / "config.toml"
     result = run_one(args.train, args.test, config, workdir, args.target, args.max_cost_usd,
                      args.max_rungs, args.cv, scorer_folds=scorer_folds)
     print(json.dumps(result, indent=2) if args.json else _summary(result))

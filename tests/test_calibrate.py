@@ -24,6 +24,13 @@ def make_config(checks: list[dict[str, Any]] | None = None) -> Config:
     })
 
 
+def calibrate(*args: Any, **kwargs: Any) -> cal.Calibration:
+    """The tests of the older checks: `agree` and `answer_in` off, since the synthetic
+    wrong answers never coincide nor repeat (agreeing, or answering "right", is always
+    right here; see the tests of those checks)."""
+    return cal.calibrate(*args, **{"try_agree": False, "try_answer_in": False, **kwargs})
+
+
 def record(i: int, right: dict[str, bool | list[bool]], task: str = "qa") -> Record:
     """Model answers are "right"/"wrong-<i>"; a list gives several samples."""
     responses = {}
@@ -39,7 +46,7 @@ def record(i: int, right: dict[str, bool | list[bool]], task: str = "qa") -> Rec
 def test_picks_the_cheap_model_alone_when_it_is_as_accurate() -> None:
     records = [record(i, {"cheap": i % 10 != 0, "mid": i % 10 != 0, "big": i % 10 != 0})
                for i in range(40)]
-    result = cal.calibrate(records, make_config()).tasks["qa"]
+    result = calibrate(records, make_config()).tasks["qa"]
     assert [r.model for r in result.policy.rungs] == ["cheap"]
     assert result.met and result.train.accuracy == pytest.approx(0.9)
     assert result.train.cost_usd == pytest.approx(result.singles["cheap"].cost_usd)
@@ -50,7 +57,7 @@ def test_keeps_the_expensive_model_when_the_cheap_one_is_worse_and_nothing_tells
     # expensive model reaches the best accuracy.
     records = [record(i, {"cheap": i % 10 >= 3, "mid": i % 10 >= 2, "big": True})
                for i in range(40)]
-    result = cal.calibrate(records, make_config([{"type": "non_empty"}])).tasks["qa"]
+    result = calibrate(records, make_config([{"type": "non_empty"}])).tasks["qa"]
     assert [r.model for r in result.policy.rungs] == ["big"]
     assert result.best_single == "big"
     assert result.train.accuracy == 1.0
@@ -64,7 +71,7 @@ def test_consensus_lets_the_cheap_model_keep_the_answers_its_samples_agree_on() 
     records = [record(i, {"cheap": cheap(i), "mid": i % 10 >= 2, "big": True})
                for i in range(40)]
     config = make_config([{"type": "consensus", "k": 3, "min_agree": 2}])
-    result = cal.calibrate(records, config).tasks["qa"]
+    result = calibrate(records, config).tasks["qa"]
     rungs = result.policy.rungs
     assert [r.model for r in rungs] == ["cheap", "big"]
     vote = rungs[0].checks[-1]
@@ -83,12 +90,12 @@ def test_never_looks_at_test_data() -> None:
     train = [record(i, {"cheap": i % 2 == 0, "big": True}) for i in range(20)]
     test = [record(100 + i, {"cheap": True, "big": True}) for i in range(20)]
     config = make_config()
-    first = cal.calibrate(train, config, cv_folds=5)
+    first = calibrate(train, config, cv_folds=5)
     assert [r.model for r in first.tasks["qa"].policy.rungs] == ["big"]
     # Scoring on test is a separate call, and it changes nothing about the fit.
     on_test = cal.evaluate(first.tasks["qa"].policy, test, config)
     assert on_test.accuracy == 1.0
-    again = cal.calibrate(train, config, cv_folds=5)
+    again = calibrate(train, config, cv_folds=5)
     assert again.to_dict() == first.to_dict()
     assert first.queries == len(train)
 
@@ -96,7 +103,7 @@ def test_never_looks_at_test_data() -> None:
 def test_cross_validation_reports_out_of_fold_scores_and_falls_back_to_one_model() -> None:
     records = [record(i, {"cheap": i % 10 >= 3, "mid": i % 10 >= 2, "big": True})
                for i in range(40)]
-    result = cal.calibrate(records, make_config(), cv_folds=4, seed=1).tasks["qa"]
+    result = calibrate(records, make_config(), cv_folds=4, seed=1).tasks["qa"]
     assert result.cv is not None and result.cv.folds == 4
     assert result.cv.repeats == cal.CV_REPEATS
     assert result.cv.baseline.queries == 40 * cal.CV_REPEATS  # each record held out per repeat
@@ -110,7 +117,8 @@ def test_cost_target_maximises_accuracy_under_the_cap() -> None:
     config = make_config()
     singles = cal.single_scores(records, config)
     cap = (singles["mid"].cost_per_query + singles["big"].cost_per_query) / 2
-    result = cal.calibrate(records, config, cal.Target.parse(None, max_cost_usd=cap))
+    result = calibrate(records, config, cal.Target.parse(None, max_cost_usd=cap),
+                           free_top=True)
     task = result.tasks["qa"]
     assert [r.model for r in task.policy.rungs] == ["mid"]
     assert task.met and task.train.cost_per_query <= cap
@@ -130,18 +138,22 @@ def test_targets_parse() -> None:
 
 def test_relative_target_accepts_a_cheaper_less_accurate_model() -> None:
     records = [record(i, {"cheap": i % 20 != 0, "big": True}) for i in range(40)]
-    result = cal.calibrate(records, make_config(), cal.Target.parse("95%"))
+    result = calibrate(records, make_config(), cal.Target.parse("95%"), free_top=True)
     assert [r.model for r in result.tasks["qa"].policy.rungs] == ["cheap"]
+    # Without --free-top the ladder ends on the reference ("big", the most accurate).
+    fixed = calibrate(records, make_config(), cal.Target.parse("95%"))
+    assert fixed.tasks["qa"].policy.rungs[-1].model == "big"
+    assert fixed.tasks["qa"].reference == "big"
 
 
 def test_unlabelled_or_unpriced_data_is_refused_with_a_reason() -> None:
     unlabelled = Record("q", "qa", [{"role": "user", "content": "q"}],
                         {"cheap": Response(1, (Sample("a", 1, None),))})
     with pytest.raises(cal.CalibrationError, match="no 'correct' label"):
-        cal.calibrate([unlabelled], make_config())
+        calibrate([unlabelled], make_config())
     other_task = record(1, {"cheap": True}, task="summarize")
     with pytest.raises(cal.CalibrationError, match=r"no \[tasks.summarize\] profile"):
-        cal.calibrate([other_task], make_config())
+        calibrate([other_task], make_config())
 
 
 def test_policy_config_writes_a_loadable_routing_config() -> None:
@@ -151,7 +163,7 @@ def test_policy_config_writes_a_loadable_routing_config() -> None:
     records = [record(i, {"cheap": cheap(i), "mid": i % 10 >= 2, "big": True})
                for i in range(40)]
     config = make_config([{"type": "non_empty"}, {"type": "consensus", "k": 5}])
-    result = cal.calibrate(records, config)
+    result = calibrate(records, config)
     data = cal.policy_config(result, config)
     text = cal.to_toml(data, cal.header(result))
     assert text.startswith("# Written by `batchroute calibrate`")

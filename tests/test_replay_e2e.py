@@ -50,7 +50,10 @@ def test_calibrated_policy_runs_through_the_pipeline_as_calibration_predicted(
 
     result = cal.calibrate(train, config, cv_folds=0)
     policy = result.tasks["qa"].policy
-    assert [r.model for r in policy.rungs] == ["cheap", "big"]
+    # cheap keeps what its samples agree on; mid keeps its answer when it agrees with
+    # cheap's (an `agree` check fed by the escalation history); big decides the rest.
+    assert [r.model for r in policy.rungs] == ["cheap", "mid", "big"]
+    assert [c["type"] for c in policy.rungs[1].checks] == ["agree"]
     calibrated = tmp_path / "calibrated.toml"
     calibrated.write_text(cal.to_toml(cal.policy_config(result, config,
                                                         cal.load_raw_config(config))))
@@ -78,6 +81,10 @@ def test_calibrated_policy_runs_through_the_pipeline_as_calibration_predicted(
     assert correct >= big.correct
     assert outcome.report["cost_usd"] < 0.5 * big.cost_usd
     assert outcome.report["by_model"]["cheap"]["jobs"] > 0
+    assert outcome.report["by_model"]["mid"]["jobs"] > 0  # agree passed in the pipeline
+    kept = [e for x in lines for e in x["batchroute"].get("escalations", [])
+            if e.get("from_model") == "cheap"]
+    assert kept and all("answer" in e for e in kept)
 
 
 def test_calibrate_command_writes_a_config_to_run_with(tmp_path: Path) -> None:
@@ -89,10 +96,11 @@ def test_calibrate_command_writes_a_config_to_run_with(tmp_path: Path) -> None:
                                        "-o", str(out), "--cv", "0", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["tasks"]["qa"]["policy"]["ladder"] == ["cheap", "big"]
+    assert data["tasks"]["qa"]["policy"]["ladder"] == ["cheap", "mid", "big"]
     assert data["tasks"]["qa"]["met_on_train"] is True
+    assert data["tasks"]["qa"]["reference"]["model"] == "big"
     loaded = load_config(out)
-    assert loaded.tasks["qa"].ladder == (1, 2)
+    assert loaded.tasks["qa"].ladder == (1, 2, 3)
     assert Path(loaded.simulator["replay"]).is_absolute()
 
     missing = CliRunner().invoke(main, ["--config", str(CONFIG), "calibrate", str(train),
@@ -159,10 +167,10 @@ def test_scorer_rung_calibrated_on_train_runs_through_the_pipeline(tmp_path: Pat
     train, test = load_records(tmp_path / "train.jsonl"), load_records(tmp_path / "test.jsonl")
 
     # Without a scorer nothing separates the cheap model's right and wrong answers.
-    plain = cal.calibrate(train, config, cv_folds=0)
+    plain = cal.calibrate(train, config, cv_folds=0, try_answer_in=False)
     assert [r.model for r in plain.tasks["qa"].policy.rungs] == ["big"]
 
-    result = cal.calibrate(train, config, cv_folds=3, scorer_folds=3)
+    result = cal.calibrate(train, config, cv_folds=3, scorer_folds=3, try_answer_in=False)
     policy = result.tasks["qa"].policy
     assert [r.model for r in policy.rungs] == ["cheap", "big"]
     assert any(c["type"] == "scorer" for c in policy.rungs[0].checks)
@@ -198,7 +206,7 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
     out.parent.mkdir()
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
                                        str(train), "-o", str(out), "--cv", "0",
-                                       "--scorer-folds", "3", "--json"])
+                                       "--scorer-folds", "3", "--no-answer-in", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     rung = data["tasks"]["qa"]["policy"]["rungs"][0]
@@ -212,7 +220,7 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
 
     no = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
                                    str(train), "-o", str(tmp_path / "p2.toml"), "--cv", "0",
-                                   "--no-scorer", "--json"])
+                                   "--no-scorer", "--no-answer-in", "--json"])
     assert no.exit_code == 0, no.output
     assert json.loads(no.output)["tasks"]["qa"]["policy"]["ladder"] == ["big"]
 

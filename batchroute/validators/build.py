@@ -12,7 +12,14 @@ from typing import Any
 
 from batchroute.validators import safety
 from batchroute.validators.base import Validator, ValidatorError
-from batchroute.validators.callables import _Consensus, _Custom, _ScorerCheck, _Unresolved
+from batchroute.validators.callables import (
+    _Agree,
+    _AnswerIn,
+    _Consensus,
+    _Custom,
+    _ScorerCheck,
+    _Unresolved,
+)
 from batchroute.validators.checks import (
     _Choices,
     _FinishReason,
@@ -136,6 +143,31 @@ def _make_consensus(name: str, p: _Params, custom: _Mapping) -> Validator:
     return _Consensus(name, k, min_agree, extract, p.flag("case_sensitive", False))
 
 
+def _extract(p: _Params) -> str | None:
+    if not p.has("extract"):
+        return None
+    extract = p.string("extract")
+    if _pattern(p, "extract", extract).groups > 1:
+        raise p.error("'extract' may have at most one group (the answer)")
+    return extract
+
+
+def _make_agree(name: str, p: _Params, custom: _Mapping) -> Validator:
+    min_agree = p.positive_int("min_agree")
+    if min_agree is None:
+        min_agree = 2
+    if min_agree < 2:
+        raise p.error("'min_agree' (answers that must agree, this one included) must be >= 2")
+    return _Agree(name, min_agree, _extract(p), p.flag("case_sensitive", False))
+
+
+def _make_answer_in(name: str, p: _Params, custom: _Mapping) -> Validator:
+    labels = p.str_list("labels")
+    if not labels:
+        raise p.error("'labels' must list at least one answer to keep")
+    return _AnswerIn(name, labels, _extract(p), p.flag("case_sensitive", False))
+
+
 def _make_scorer(name: str, p: _Params, custom: _Mapping) -> Validator:
     from batchroute import scorer
 
@@ -181,6 +213,8 @@ _BUILTINS: dict[str, _Factory] = {
     "logprob_confidence": _make_logprob_confidence,
     "consensus": _make_consensus,
     "scorer": _make_scorer,
+    "agree": _make_agree,
+    "answer_in": _make_answer_in,
     "custom": _make_custom,
 }
 
@@ -199,6 +233,8 @@ _KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "logprob_confidence": frozenset({"threshold", "missing_ok"}),
     "consensus": frozenset({"k", "min_agree", "extract", "case_sensitive"}),
     "scorer": frozenset({"threshold", "model_file", "model"}),
+    "agree": frozenset({"min_agree", "extract", "case_sensitive"}),
+    "answer_in": frozenset({"labels", "extract", "case_sensitive"}),
 }
 
 #: Spec types this module builds (custom names registered by the operator come on top).

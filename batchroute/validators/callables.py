@@ -43,6 +43,58 @@ class _Consensus(_Base):
                           f"{self.min_agree} needed", score)
 
 
+class _Agree(_Base):
+    """Accept when at least ``min_agree`` answers - this one and those of the job's
+    earlier rungs (escalation history) - give the same answer as this one: a
+    cross-model vote, one call per model. Alone on the first rung it can never pass
+    (one answer), which is how a ladder collects a cheap answer for a later rung to
+    compare with. Answers compare as consensus does (``extract``, ``case_sensitive``).
+    """
+
+    wants_earlier = True
+
+    def __init__(self, name: str, min_agree: int, extract: str | None,
+                 case_sensitive: bool) -> None:
+        super().__init__(name)
+        self.min_agree = min_agree
+        self.extract = extract
+        self.case_sensitive = case_sensitive
+
+    def check(self, completion: Completion) -> Verdict:
+        return self.check_earlier(completion, ())
+
+    def check_earlier(self, completion: Completion, earlier: tuple[str, ...]) -> Verdict:
+        mine = consensus.answer_key(completion.content, self.extract, self.case_sensitive)
+        if not mine:
+            return self._fail("no answer to compare")
+        votes = 1 + sum(consensus.answer_key(e, self.extract, self.case_sensitive) == mine
+                        for e in earlier)
+        score = votes / (1 + len(earlier))
+        if votes >= self.min_agree:
+            return self._ok(score, f"{votes} of {1 + len(earlier)} answers agree")
+        return self._fail(f"{votes} of {1 + len(earlier)} answers agree on {_snip(mine)!r}, "
+                          f"{self.min_agree} needed", score)
+
+
+class _AnswerIn(_Base):
+    """Accept only when the answer (normalised as consensus does) is one of ``labels``:
+    answer-conditioned acceptance, e.g. keep a cheap model's "yes" (99% right) and
+    escalate its "no" (87% right)."""
+
+    def __init__(self, name: str, labels: list[str], extract: str | None,
+                 case_sensitive: bool) -> None:
+        super().__init__(name)
+        self.extract = extract
+        self.case_sensitive = case_sensitive
+        self.labels = frozenset(consensus.answer_key(x, None, case_sensitive) for x in labels)
+
+    def check(self, completion: Completion) -> Verdict:
+        key = consensus.answer_key(completion.content, self.extract, self.case_sensitive)
+        if key in self.labels:
+            return self._ok(1.0)
+        return self._fail(f"answer {_snip(key)!r} is not one of the labels kept here", 0.0)
+
+
 class _ScorerCheck(_Base):
     """Accept when a learned scorer (``batchroute.scorer``, fitted by ``batchroute
     calibrate``) gives the answer P(correct | prompt, answer) >= threshold.

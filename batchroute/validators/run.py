@@ -10,17 +10,23 @@ from batchroute.validators.base import Validator, Verdict, _snip
 
 
 def run_validators(validators: Sequence[Validator], completion: Completion,
-                   request: Mapping[str, Any] | None = None) -> list[Verdict]:
+                   request: Mapping[str, Any] | None = None,
+                   earlier: Sequence[str] | None = None) -> list[Verdict]:
     """Run every check, even after a failure: the escalation record should list all
     problems, and some callers weigh verdicts rather than stopping at the first.
 
     ``request`` (the request body) is handed to the checks that judge the answer *to
     that query* (``wants_request``, e.g. the learned scorer); the others see only the
-    completion, as before.
+    completion, as before. ``earlier`` (the answers of the job's previous rungs, oldest
+    first) goes to the checks that compare with them (``wants_earlier``, e.g. ``agree``).
     """
     verdicts: list[Verdict] = []
     for validator in validators:
         try:
+            if getattr(validator, "wants_earlier", False):
+                check_earlier = validator.check_earlier  # type: ignore[attr-defined]
+                verdicts.append(check_earlier(completion, tuple(earlier or ())))
+                continue
             if request is not None and getattr(validator, "wants_request", False):
                 check_request = validator.check_request  # type: ignore[attr-defined]
                 verdicts.append(check_request(completion, request))
