@@ -11,6 +11,7 @@ every checkout and resets itself in a child.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -19,7 +20,27 @@ from typing import Any
 _installed = False
 
 
+def _forget_kombu_pools() -> None:
+    """Replace kombu's after-fork close of inherited pools (see the module docstring)."""
+    registry = getattr(multiprocessing.util, "_afterfork_registry", None)
+    if registry is None or "kombu.resource" not in sys.modules:
+        return
+    for key, pool in list(registry.items()):
+        func = key[-1] if isinstance(key, tuple) and key else None
+        if getattr(func, "__qualname__", "") != "_after_fork_cleanup_resource" or \
+                getattr(func, "__module__", "") != "kombu.resource":
+            continue
+        registry.pop(key, None)
+        try:
+            pool._dirty.clear()
+            pool._resource.queue.clear()
+            pool._closed = True
+        except AttributeError:  # pragma: no cover - another kombu's pool layout
+            pass
+
+
 def _after_fork_in_child() -> None:
+    _forget_kombu_pools()
     store: Any = sys.modules.get("batchroute.store")
     if store is None:  # nothing built yet
         return
