@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,14 +28,12 @@ from batchroute.cli_outcome import (
 )
 from batchroute.cli_recovery import cancel, recover, resume
 from batchroute.cli_recovery import find_batch_or_fail as _batch
+from batchroute.cli_tables import console, out, show_pools, show_problems, show_report
 from batchroute.config import Config, ConfigError, load_config
 from batchroute.logs import configure_logging
 from batchroute.metrics import metrics
 from batchroute.store import FINISHED, Batch, Store
-from batchroute.terminal import escape, for_rich
-
-console = Console(stderr=True)
-out = Console()
+from batchroute.terminal import for_rich
 
 
 class Ctx:
@@ -155,7 +152,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
         def ingested(result: Any) -> None:
             progress.update(bar, total=result.jobs, description=f"batch {result.batch_id}")
             if result.problem_count:
-                _show_problems(result.problems, result.problem_count)
+                show_problems(result.problems, result.problem_count)
 
         def advance(counts: dict[str, int]) -> None:
             done = sum(counts.get(s, 0) for s in FINISHED)
@@ -175,7 +172,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
     if as_json:
         _print_json(outcome.report)
     else:
-        _show_report(outcome.report)
+        show_report(outcome.report)
         console.print(f"results: {output} ({outcome.written.written} lines)"
                       + (f", errors: {errors or output} ({outcome.written.errors} lines)"
                          if outcome.written.errors else ""))
@@ -193,14 +190,6 @@ def _duration(value: str) -> float:
         return parse_duration(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def _show_problems(problems: list[tuple[int, str]], total: int) -> None:
-    console.print(f"[yellow]{total} line(s) rejected; the other lines go on:[/yellow]")
-    for line_no, reason in problems[:20]:
-        console.print(f"  line {line_no}: {escape(reason)}", markup=False, highlight=False)
-    if total > 20:
-        console.print(f"  ... and {total - 20} more (see `batchroute status BATCH --json`)")
 
 
 @main.command()
@@ -243,7 +232,7 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             f"The jobs stored so far are safe: `batchroute resume {file_batch_id(file)}` "
             "finishes the submission once the broker is back") from None
     if result.problem_count and not as_json:
-        _show_problems(result.problems, result.problem_count)
+        show_problems(result.problems, result.problem_count)
     already = _already_submitted(store, existing, result.batch_id, result.enqueued)
     if as_json:
         _print_json({"batch_id": result.batch_id, "lines": result.lines, "jobs": result.jobs,
@@ -354,7 +343,7 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
     warning = failed_warning(failed, data["jobs"], b.id, None)
     if warning:
         console.print(f"[yellow]{warning}[/yellow]", highlight=False)
-    _show_pools(data["pools"], pools_problem)
+    show_pools(data["pools"], pools_problem)
     sys.exit(exit_code(failed, fail_on_failed))
 
 
@@ -365,28 +354,6 @@ def _pools(obj: Ctx) -> tuple[list[dict[str, Any]], str | None]:
         return pool_status(obj.config)
     except click.ClickException as e:  # an unreadable config must not hide the batch
         return [], e.message
-
-
-def _show_pools(pools: list[dict[str, Any]], problem: str | None) -> None:
-    """Rate-limit pools (shared by all workers): use in the current window vs limits."""
-    if problem:
-        console.print(f"[yellow]{problem}[/yellow]", highlight=False)
-    if not pools:
-        return
-    t = Table(title="rate-limit pools (all workers, last window)")
-    for col in ("pool", "requests", "tokens", "in flight", "deferred", "blocked"):
-        t.add_column(col, justify="left" if col == "pool" else "right")
-
-    def use(used: int, limit: int | None, pct: float | None) -> str:
-        return f"{used} / {limit} ({pct:.0f}%)" if limit else f"{used}"
-
-    for p in pools:
-        t.add_row(f"{p['pool']} ({p['window_s']:g} s)",
-                  use(p["requests"], p["rpm"], p["requests_pct"]),
-                  use(p["tokens"], p["tpm"], p["tokens_pct"]),
-                  use(p["in_flight"], p["max_concurrency"], p["in_flight_pct"]),
-                  str(p["deferred"]), f"{p['blocked_s']:.1f} s" if p["blocked_s"] else "-")
-    out.print(t)
 
 
 @main.command()
@@ -436,7 +403,7 @@ def report(obj: Ctx, batch: str, as_json: bool, html_path: Path | None) -> None:
     if as_json:
         _print_json(data)
     else:
-        _show_report(data)
+        show_report(data)
 
 
 @main.command()
@@ -465,7 +432,7 @@ def estimate(obj: Ctx, file: Path, completion_ratio: float, prior_pass_rate: flo
         _print_json(data)
         return
     if data["bad_lines"]:
-        _show_problems([(p["line"], p["reason"]) for p in data["problems"]], data["bad_lines"])
+        show_problems([(p["line"], p["reason"]) for p in data["problems"]], data["bad_lines"])
     t = Table(title=f"estimate for {file.name}: {data['jobs']} jobs", show_header=False)
     t.add_column("", style="bold")
     t.add_column("", justify="right")
@@ -483,84 +450,6 @@ def estimate(obj: Ctx, file: Path, completion_ratio: float, prior_pass_rate: flo
                  ("pass rates from", data["assumptions"]["pass_rates"])]:
         t.add_row(k, str(v))
     out.print(t)
-
-
-def _show_report(r: dict[str, Any]) -> None:
-    head = Table(title=f"batch {for_rich(r['batch_id'])} — {for_rich(r['name'])}",
-                 show_header=False)
-    head.add_column("", style="bold")
-    head.add_column("", justify="right")
-    rows = [("jobs", r["jobs"]), ("succeeded", r["succeeded"]), ("failed", r["failed"]),
-            ("pending", r["pending"]), ("bad lines", r["bad_lines"]),
-            ("attempts", r["attempts"]), ("cost", f"${r['cost_usd']:.4f}"),
-            ("baseline (reference models)", f"${r['baseline_cost_usd']:.4f}"),
-            ("savings", f"{r['savings_pct']:.1f}%"),
-            ("escalation rate", f"{100 * r['escalation_rate']:.1f}%"),
-            ("cost per success", f"${r['cost_per_success_usd']:.6f}"
-             if r["cost_per_success_usd"] is not None else "-")]
-    reuse = r.get("reuse") or {}
-    if reuse.get("hits"):
-        split = r.get("savings_by_source") or {}
-        rows.append(("reused answers", f"{reuse['hits']} ({reuse['within_batch']} within the "
-                                       f"batch, {reuse['across_batches']} from earlier ones)"))
-        rows.append(("saved by routing / batch discount / reuse",
-                     f"${split.get('routing_usd', 0):.4f} / "
-                     f"${split.get('batch_discount_usd', 0):.4f} / "
-                     f"${split.get('reuse_usd', 0):.4f}"))
-    res = r.get("resilience") or {}
-    if res.get("provider_errors") or res.get("failovers"):
-        rows.append(("provider errors", ", ".join(f"{k} {v}" for k, v in
-                                                  res["provider_errors"].items()) or "0"))
-        rows.append(("retries / failovers", f"{res['retries']} / {res['failovers']}"))
-    for k, v in rows:
-        head.add_row(k, str(v))
-    out.print(head)
-    for key in ("by_tier", "by_model", "by_task"):
-        t = Table(title=key.replace("_", " "))
-        for col in ("", "jobs", "succeeded", "attempts", "tokens", "cost", "cost/accepted"):
-            t.add_column(col, justify="left" if not col else "right")
-        for name, b in r[key].items():
-            t.add_row(for_rich(name), str(b["jobs"]), str(b["succeeded"]), str(b["attempts"]),
-                      str(b["tokens"]), f"${b['cost_usd']:.4f}",
-                      _usd(b.get("cost_per_success_usd")))
-        out.print(t)
-    _show_cascade(r.get("cascade"))
-
-
-def _usd(x: float | None, digits: int = 6) -> str:
-    return "-" if x is None else f"${x:.{digits}f}"
-
-
-def _show_cascade(c: dict[str, Any] | None) -> None:
-    """Per task and tier: this batch's pass rate and costs, then what the adaptive router
-    decides now from its window of history, with the expected costs it compared."""
-    if not c or not c.get("tasks"):
-        return
-    mine = Table(title="per task and tier (this batch)")
-    for col in ("task", "tier", "answered", "pass rate", "$/attempt", "accepted", "$/accepted"):
-        mine.add_column(col, justify="left" if col == "task" else "right")
-    state = "on" if c["enabled"] else "off, shown: what it would do"
-    router = Table(title=f"adaptive cascade ({state}; min {c['min_observations']} obs, "
-                         f"explore {100 * c['explore_rate']:g}%, window {c['window']})")
-    for col in ("task", "tier", "obs", "pass rate", "E(try)", "E(skip)", "decision"):
-        router.add_column(col, justify="left" if col in ("task", "decision") else "right")
-    for task, tc in c["tasks"].items():
-        for tier, row in tc["tiers"].items():
-            mine.add_row(task, tier, str(row["answered"]),
-                         "-" if row["pass_rate"] is None else f"{100 * row['pass_rate']:.1f}%",
-                         _usd(row["mean_cost_usd"]), str(row["accepted"]),
-                         _usd(row["cost_per_accepted_usd"]))
-            rt = row.get("router")
-            if not rt:
-                continue
-            decision = ("skip" if rt["skipped"] else "top" if rt["expected_if_skipped_usd"]
-                        is None else "cold" if rt["pass_rate"] is None else "try")
-            router.add_row(task, tier, str(rt["observations"]),
-                           "-" if rt["pass_rate"] is None else f"{100 * rt['pass_rate']:.1f}%",
-                           _usd(rt["expected_if_tried_usd"]),
-                           _usd(rt["expected_if_skipped_usd"]), decision)
-    out.print(mine)
-    out.print(router)
 
 
 @main.command()
