@@ -20,7 +20,7 @@ from batchroute.replay import ReplayFormatError, ReplayIndex
 from batchroute.sim import replay as sim_replay
 from batchroute.sim import tokens
 from batchroute.sim.answers import Answer, generate_answer, logprobs_for
-from batchroute.sim.config import SimConfig, SimConfigError, SimModel
+from batchroute.sim.config import SimBatch, SimConfig, SimConfigError, SimModel
 from batchroute.sim.limits import Decision, Limit, RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -111,6 +111,10 @@ class SimEngine:
     def set_default(self, model: SimModel) -> None:
         with self.lock:
             self.config.default = copy.deepcopy(model)
+
+    def set_batch(self, settings: SimBatch) -> None:
+        with self.lock:
+            self.config.batch = copy.deepcopy(settings)
 
     def config_dict(self) -> dict[str, Any]:
         with self.lock:
