@@ -222,3 +222,8 @@ def test_client_cancel_and_result_size_cap(sim: SimServer, api: str) -> None:
         with pytest.raises(ProviderError) as too_big:
             client.results(status)
         assert too_big.value.kind == ErrorKind.REPLY_TOO_LARGE
+
+
+def test_openai_file_holds_one_model() -> None:
+    with pytest.raises(ValueError, match="one model"):
+        formats.openai_input_file([("a", "m1", _body(1)), ("b", "m2", _body(2))])

@@ -36,7 +36,8 @@ DELAY = 0.2
 
 
 def _sim(**batch: Any) -> SimServer:
-    config = SimConfig(models={"good": SimModel(), "flaky": SimModel(error_rates={500: 1.0})},
+    config = SimConfig(models={"good": SimModel(context_window=300),
+                               "flaky": SimModel(error_rates={500: 1.0})},
                        seed=1, batch=SimBatch(**{"delay_s": DELAY, **batch}))
     return SimServer(config).start()
 
@@ -95,7 +96,8 @@ def test_openai_batch_formats_and_same_answers_as_sync(sim: SimServer) -> None:
     http = httpx.Client(base_url=sim.url, timeout=5)
     lines = [_line(f"req-{i}", _chat(i)) for i in range(4)]
     lines.append(_line("bad-body", {"model": "good", "messages": []}))  # a 400 for that line
-    lines.append(_line("flaky", _chat(9, "flaky")))  # a 500 for that line
+    too_long = {"model": "good", "messages": [{"role": "user", "content": "word " * 400}]}
+    lines.append(_line("too-long", too_long))  # a 400 context_length_exceeded
     batch = _openai_batch(http, _openai_file(http, lines))
     assert set(batch) == OPENAI_BATCH_FIELDS and batch["object"] == "batch"
     assert batch["status"] == "validating" and batch["output_file_id"] is None
@@ -115,7 +117,7 @@ def test_openai_batch_formats_and_same_answers_as_sync(sim: SimServer) -> None:
     by_id = {e["custom_id"]: e for e in errors}
     assert by_id["bad-body"]["response"]["status_code"] == 400
     assert by_id["bad-body"]["response"]["body"]["error"]["type"] == "invalid_request_error"
-    assert by_id["flaky"]["response"]["status_code"] == 500
+    assert by_id["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
 
     # The same engine: the synchronous answer and usage for req-2 are identical.
     sync = http.post("/v1/chat/completions", json=_chat(2)).json()
@@ -274,3 +276,48 @@ def test_anthropic_limits_and_custom_ids() -> None:
         no_version = http.post("/v1/messages/batches", headers={"x-api-key": "k"},
                                json={"requests": []})
         assert no_version.status_code == 400
+
+
+def test_openai_one_model_per_batch(sim: SimServer) -> None:
+    http = httpx.Client(base_url=sim.url, timeout=5)
+    file_id = _openai_file(http, [_line("a", _chat(1)), _line("b", _chat(2, "flaky"))])
+    done = _wait(http, f"/v1/batches/{_openai_batch(http, file_id)['id']}", "status",
+                 {"failed", "completed"})
+    assert done["status"] == "failed"
+    assert [e["code"] for e in done["errors"]["data"]] == ["model_mismatch"]
+
+
+def test_batches_ignore_sync_rate_limits_and_survive_a_restart() -> None:
+    """Batch work is not counted against rpm (separate queue at real providers), and a
+    provider that is unreachable for a while still finishes its batches."""
+    config = SimConfig(models={"good": SimModel(rpm=1)}, seed=1,
+                       batch=SimBatch(delay_s=DELAY))
+    with SimServer(config) as server:
+        http = httpx.Client(base_url=server.url, timeout=5)
+        file_id = _openai_file(http, [_line(f"r{i}", _chat(i)) for i in range(3)])
+        batch = _openai_batch(http, file_id)
+        server.stop()
+        time.sleep(DELAY * 1.5)
+        server.start()
+        http = httpx.Client(base_url=server.url, timeout=5)
+        done = _wait(http, f"/v1/batches/{batch['id']}", "status", {"completed", "expired"})
+        assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+
+
+def test_batch_settings_from_toml_table_and_runtime_control(sim: SimServer) -> None:
+    parsed = SimConfig.from_dict({"batch": {"delay_s": 3, "expire_fraction": 0.5,
+                                            "openai_max_requests": 10}})
+    assert parsed.batch == SimBatch(delay_s=3.0, expire_fraction=0.5, openai_max_requests=10)
+    assert SimConfig.from_dict(parsed.to_dict()).batch == parsed.batch
+    with pytest.raises(ValueError, match="unknown key"):
+        SimConfig.from_dict({"batch": {"delay": 1}})
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        SimConfig.from_dict({"batch": {"expire_fraction": 2}})
+    http = httpx.Client(base_url=sim.url, timeout=5)
+    reply = http.post("/_sim/batch", json={"delay_s": 0.0, "expire_fraction": 0.0})
+    assert reply.status_code == 200 and reply.json()["expire_fraction"] == 0.0
+    assert http.post("/_sim/batch", json={"bogus": 1}).status_code == 400
+    file_id = _openai_file(http, [_line("r", _chat(1))])
+    done = _wait(http, f"/v1/batches/{_openai_batch(http, file_id)['id']}", "status",
+                 {"expired", "completed"})
+    assert done["status"] == "expired"

@@ -17,9 +17,10 @@ Formats (provider docs):
   "error": {"type": "error", "error": {"type", "message"}}} | {"type": "canceled"} |
   {"type": "expired"}}``.
 
-Limits: OpenAI 50,000 requests / 200 MB per input file; Anthropic 100,000 requests /
-256 MB per batch. custom_id: Anthropic allows ``^[a-zA-Z0-9_-]{1,64}$``, so job ids
-that do not fit are mapped to a hash (the mapping goes back with the batch).
+Limits: OpenAI 50,000 requests / 200 MB per input file, one model per file; Anthropic
+100,000 requests / 256 MB per batch. custom_id: Anthropic allows
+``^[a-zA-Z0-9_-]{1,64}$``, so job ids that do not fit are mapped to a hash (the mapping
+goes back with the batch).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def openai_line(custom_id: str, api_model: str, body: dict[str, Any]) -> dict[st
 
 def openai_input_file(requests: Iterable[tuple[str, str, dict[str, Any]]]) -> bytes:
     """The JSONL input file for ``(custom_id, api_model, body)`` requests, within limits."""
+    requests = list(requests)
+    if len({model for _, model, _ in requests}) > 1:
+        raise ValueError("openai: a batch holds requests for one model only (split by model)")
     lines = [json.dumps(openai_line(cid, model, body), ensure_ascii=False).encode("utf-8")
              for cid, model, body in requests]
     content = b"\n".join(lines) + b"\n" if lines else b""

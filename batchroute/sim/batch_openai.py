@@ -23,9 +23,9 @@ Documented formats reproduced here:
   [{"code", "message", "param", "line"}]}``. The codes for each rule are the simulator's
   own (the docs do not list them all).
 
-Limits (documented): 50,000 requests and 200 MB per input file. Too big a file is
-refused at upload (400 ``invalid_request_error``); too many lines fail the batch at
-validation, as the real API does.
+Limits (documented): 50,000 requests and 200 MB per input file, one model per batch.
+Too big a file is refused at upload (400 ``invalid_request_error``); too many lines fail
+the batch at validation, as the real API does.
 """
 
 from __future__ import annotations
@@ -187,6 +187,9 @@ def _validate(content: bytes, max_requests: int) -> tuple[list[tuple[str, Any]],
                 "url")
         elif not isinstance(line.get("body"), dict):
             bad("missing_required_parameter", "'body' must be an object.", number, "body")
+        elif items and line["body"].get("model") != items[0][1].get("model"):
+            bad("model_mismatch", "All requests of a batch must use the same model.", number,
+                "body.model")
         else:
             items.append((custom_id, line["body"]))
     return items, errors
@@ -201,7 +204,7 @@ def _compute(registry: BatchRegistry, custom_id: str, body: Any) -> dict[str, An
     except ApiError as e:
         reply = _PROTOCOL.error(e.status, e.kind, e.message, e.param)
     else:
-        reply = _PROTOCOL.render(engine.complete(request), request)
+        reply = _PROTOCOL.render(engine.complete(request, rate_limited=False), request)
     engine.count_request("openai_batch", model)
     engine.count_response(reply.status)
     try:

@@ -25,8 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from batchroute.sim.engine import SimEngine
 from batchroute.sim.protocols import Reply
+
+log = structlog.get_logger(__name__)
 
 #: custom_id -> one result, in the API's own shape (kept as dicts until rendered).
 Results = dict[str, dict[str, Any]]
@@ -108,11 +112,12 @@ class BatchRegistry:
         threading.Thread(target=self._run, args=(job, compute, finish), daemon=True,
                          name=f"sim-batch-{job.id}").start()
 
-    def _sleep_until(self, job: BatchJob, at: float) -> None:
-        """Sleep until ``at``; cancel, or the server stopping, wakes the job up early."""
-        while (left := at - time.time()) > 0 and not job.cancel.is_set():
-            if self.engine.stopping.wait(min(left, 0.05)):
-                return
+    @staticmethod
+    def _sleep_until(job: BatchJob, at: float) -> None:
+        """Sleep until ``at``; a cancel wakes the job up early. A server stop does not:
+        a real provider keeps working on batches while a client cannot reach it."""
+        if (left := at - time.time()) > 0:
+            job.cancel.wait(left)
 
     def _run(self, job: BatchJob, compute: Compute,
              finish: Callable[[BatchJob], None]) -> None:
@@ -138,10 +143,10 @@ class BatchRegistry:
             self._end(job, "expired" if unfinished and not job.cancel.is_set()
                       else "cancelled" if job.cancel.is_set() else "completed", finish)
         except Exception:  # a sim bug must not leave a job "in progress" forever
+            log.exception("sim.batch_internal_error", batch=job.id)
             job.errors.append({"code": "server_error", "message": "simulator internal error",
                                "param": None, "line": None})
             self._end(job, "failed", finish)
-            raise
 
     def _end(self, job: BatchJob, how: str, finish: Callable[[BatchJob], None]) -> None:
         finish(job)  # writes the API's result files before the job is seen as ended

@@ -155,7 +155,10 @@ class SimEngine:
 
     # --- the request path ------------------------------------------------------------
 
-    def complete(self, req: ChatRequest) -> Outcome:
+    def complete(self, req: ChatRequest, rate_limited: bool = True) -> Outcome:
+        """One chat completion. ``rate_limited=False`` is for provider batch requests:
+        real providers count batch work against separate (batch queue) limits, not the
+        synchronous rpm/tpm, so a batch never makes synchronous callers wait."""
         if self.replay is not None:
             return self._replay(req)
         with self.lock:
@@ -176,7 +179,8 @@ class SimEngine:
             req.max_tokens if req.max_tokens is not None else tokens.count_text(answer.content)
         )
         with self.lock:
-            decision = self.limiter.acquire(limits, reserve)
+            decision = (self.limiter.acquire(limits, reserve) if rate_limited
+                        else Decision(allowed=True))
             if not decision.allowed:
                 self._stats[f"refused_{decision.refused_by}"] += 1
             draws = [self._faults.random() for _ in range(_DRAWS_PER_CALL)]
