@@ -227,3 +227,23 @@ def test_client_cancel_and_result_size_cap(sim: SimServer, api: str) -> None:
 def test_openai_file_holds_one_model() -> None:
     with pytest.raises(ValueError, match="one model"):
         formats.openai_input_file([("a", "m1", _body(1)), ("b", "m2", _body(2))])
+
+
+def test_anthropic_results_never_follow_a_foreign_results_url(sim: SimServer) -> None:
+    """The API key goes with the results request: a results_url on another host is not
+    followed, the configured base URL is used instead."""
+    seen: list[str] = []
+
+    def record(request: httpx.Request) -> None:
+        seen.append(str(request.url))
+
+    with httpx.Client(event_hooks={"request": [record]}) as http:
+        client = batch_client.AnthropicBatchClient(http, f"{sim.url}/v1", "k", timeout_s=5)
+        batch_id = client.submit(formats.anthropic_create_body([("a", "good", _body(1))]))
+        status = batch_client.wait(client, batch_id, deadline_s=8, interval_s=0.05)
+        forged = batch_client.BatchStatus(
+            id=status.id, status=status.status, ended=True,
+            result_refs=("http://attacker.invalid/steal",))
+        parsed = batch_client.parse(client, client.results(forged), ["a"])
+        assert parsed.items["a"].state == "succeeded"
+        assert not any("attacker" in url for url in seen)

@@ -97,6 +97,14 @@ class _Http:
         return data
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        return ("", "", None)
+    return (parsed.scheme, parsed.host, parsed.port)
+
+
 def _counts(raw: Any) -> dict[str, int]:
     if not isinstance(raw, dict):
         return {}
@@ -186,7 +194,12 @@ class AnthropicBatchClient:
         if not status.result_refs:
             raise ProviderError(ErrorKind.MALFORMED_REPLY,
                                 f"batch {status.id} ended without a results_url")
-        return self._http.send("GET", status.result_refs[0], self._http.max_result_bytes)
+        url = status.result_refs[0]
+        if _origin(url) != _origin(self._http.base_url):
+            # The API key goes with this request: never to a host the reply named, only to
+            # the configured one (a hostile or misconfigured gateway cannot harvest it).
+            url = f"/messages/batches/{status.id}/results"
+        return self._http.send("GET", url, self._http.max_result_bytes)
 
     @staticmethod
     def _status(data: dict[str, Any]) -> BatchStatus:
