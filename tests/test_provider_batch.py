@@ -247,3 +247,21 @@ def test_anthropic_results_never_follow_a_foreign_results_url(sim: SimServer) ->
         parsed = batch_client.parse(client, client.results(forged), ["a"])
         assert parsed.items["a"].state == "succeeded"
         assert not any("attacker" in url for url in seen)
+
+
+def test_split_requests_fits_every_batch_in_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = [(f"r{i}", "m1" if i % 3 else "m2", _body(i)) for i in range(20)]
+    monkeypatch.setitem(formats.LIMITS, "openai", (4, 10**6))
+    batches = formats.split_requests("openai", requests)
+    assert sorted(r[0] for b in batches for r in b) == sorted(r[0] for r in requests)
+    for batch in batches:
+        assert len({model for _, model, _ in batch}) == 1 and len(batch) <= 4
+        formats.openai_input_file(batch)  # within limits: does not raise
+    monkeypatch.setitem(formats.LIMITS, "anthropic", (100, 1000))
+    batches = formats.split_requests("anthropic", requests)
+    assert len(batches) > 1 and sum(len(b) for b in batches) == 20
+    for batch in batches:
+        assert len(formats.anthropic_create_body(batch)) <= 1000
+    monkeypatch.setitem(formats.LIMITS, "anthropic", (100, 50))
+    with pytest.raises(formats.BatchTooLarge, match="alone"):
+        formats.split_requests("anthropic", requests[:1])

@@ -143,6 +143,33 @@ def anthropic_create_body(requests: Iterable[tuple[str, str, dict[str, Any]]]) -
     return content
 
 
+Request = tuple[str, str, dict[str, Any]]  # (custom_id, api_model, job body)
+
+
+def split_requests(api: str, requests: Iterable[Request]) -> list[list[Request]]:
+    """Requests grouped into batches that each fit the API's limits (requests, bytes,
+    one model per OpenAI file), in input order within a group. A single request too big
+    for any batch raises BatchTooLarge: it has to go synchronously."""
+    max_requests, max_bytes = LIMITS[api]
+    line_of = openai_line if api == "openai" else anthropic_request
+    groups: dict[str, list[list[Request]]] = {}
+    sizes: dict[str, int] = {}
+    for request in requests:
+        cid, model, body = request
+        size = len(json.dumps(line_of(cid, model, body), ensure_ascii=False).encode()) + 2
+        if size + 20 > max_bytes:
+            raise BatchTooLarge(f"{api}: request {cid!r} alone is {size} bytes, over the "
+                                f"batch limit of {max_bytes}")
+        key = model if api == "openai" else ""
+        batches = groups.setdefault(key, [[]])
+        if len(batches[-1]) >= max_requests or sizes.get(key, 20) + size > max_bytes:
+            batches.append([])
+            sizes[key] = 20  # room for {"requests": [...]}
+        batches[-1].append(request)
+        sizes[key] = sizes.get(key, 20) + size
+    return [batch for batches in groups.values() for batch in batches if batch]
+
+
 def _lines(content: bytes, parsed: ParsedResults) -> Iterable[tuple[int, dict[str, Any]]]:
     for number, raw in enumerate(content.splitlines(), start=1):
         if not raw.strip():
