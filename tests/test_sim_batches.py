@@ -289,9 +289,10 @@ def test_openai_one_model_per_batch(sim: SimServer) -> None:
 
 
 def test_batches_ignore_sync_rate_limits_and_survive_a_restart() -> None:
-    """Batch work is not counted against rpm (separate queue at real providers), and a
-    provider that is unreachable for a while still finishes its batches."""
-    config = SimConfig(models={"good": SimModel(rpm=1)}, seed=1,
+    """Batch work is not counted against rpm (separate queue at real providers) nor
+    slowed by per-request latency, and a provider that is unreachable for a while still
+    finishes its batches."""
+    config = SimConfig(models={"good": SimModel(rpm=1, latency_ms=2000)}, seed=1,
                        batch=SimBatch(delay_s=DELAY))
     with SimServer(config) as server:
         http = httpx.Client(base_url=server.url, timeout=5)

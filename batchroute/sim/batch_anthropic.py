@@ -123,7 +123,7 @@ def _compute(registry: BatchRegistry, custom_id: str, params: Any) -> dict[str, 
     except ApiError as e:
         reply = _PROTOCOL.error(e.status, e.kind, e.message, e.param)
     else:
-        reply = _PROTOCOL.render(engine.complete(request, rate_limited=False), request)
+        reply = _PROTOCOL.render(engine.complete(request, batch=True), request)
     engine.count_request("anthropic_batch", model)
     engine.count_response(reply.status)
     try:
