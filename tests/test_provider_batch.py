@@ -265,3 +265,16 @@ def test_split_requests_fits_every_batch_in_the_limits(monkeypatch: pytest.Monke
     monkeypatch.setitem(formats.LIMITS, "anthropic", (100, 50))
     with pytest.raises(formats.BatchTooLarge, match="alone"):
         formats.split_requests("anthropic", requests[:1])
+
+
+def test_client_reports_a_failed_openai_batch_with_its_line_errors(sim: SimServer) -> None:
+    line = formats.openai_input_file([("same", "good", _body(1))])
+    with httpx.Client() as http:
+        client = batch_client.OpenAIBatchClient(http, f"{sim.url}/v1", "k", timeout_s=5)
+        batch_id = client.submit(line + line)  # a duplicate custom_id fails validation
+        status = batch_client.wait(client, batch_id, deadline_s=8, interval_s=0.05)
+        assert (status.status, status.ended, status.result_refs) == ("failed", True, ())
+        assert status.errors == ("line 2: duplicate_custom_id: The custom_id 'same' is "
+                                 "not unique.",)
+        parsed = batch_client.parse(client, client.results(status), ["same"])
+        assert parsed.missing(["same"]) == ["same"]
