@@ -7,7 +7,7 @@ OpenAI or Anthropic, so the same adapters, retries and rate limiters get exercis
         httpx.post(f"{sim.url}/v1/chat/completions", json={...})
 """
 
-from batchroute.sim.config import SimConfig, SimConfigError, SimModel
+from batchroute.sim.config import SimBatch, SimConfig, SimConfigError, SimModel
 from batchroute.sim.server import SimServer, serve_forever
 
-__all__ = ["SimConfig", "SimConfigError", "SimModel", "SimServer", "serve_forever"]
+__all__ = ["SimBatch", "SimConfig", "SimConfigError", "SimModel", "SimServer", "serve_forever"]

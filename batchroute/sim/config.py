@@ -89,6 +89,53 @@ class SimModel:
 
 
 @dataclass
+class SimBatch:
+    """Behaviour of the simulated provider batch APIs (``[simulator.batch]``).
+
+    Real batches finish "within 24 hours"; tests need seconds, hence ``delay_s``.
+    ``expire_fraction`` makes every batch expire after processing only that fraction of its
+    requests (the rest end ``expired``), the case a batch pipeline must send on.
+    The limits default to the providers' published ones (OpenAI: 50,000 requests and
+    200 MB per input file; Anthropic: 100,000 requests or 256 MB per batch); tests lower
+    them to check the error shapes without building 200 MB files.
+    """
+
+    delay_s: float = 1.0
+    expire_fraction: float | None = None
+    openai_max_requests: int = 50_000
+    openai_max_bytes: int = 200 * 1024 * 1024
+    anthropic_max_requests: int = 100_000
+    anthropic_max_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "simulator.batch") -> SimBatch:
+        d = d or {}
+        if not isinstance(d, dict):
+            raise SimConfigError(f"{where}: expected a table, got {d!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+                                 f"(known: {', '.join(sorted(known))})")
+        kwargs: dict[str, Any] = {}
+        if "delay_s" in d:
+            kwargs["delay_s"] = _non_negative(d["delay_s"], f"{where}.delay_s")
+        if d.get("expire_fraction") is not None:
+            kwargs["expire_fraction"] = _rate(d["expire_fraction"], f"{where}.expire_fraction")
+        for name in ("openai_max_requests", "openai_max_bytes", "anthropic_max_requests",
+                     "anthropic_max_bytes"):
+            if name in d:
+                value = _limit(d[name], f"{where}.{name}")
+                if value is None:
+                    raise SimConfigError(f"{where}.{name}: required to be an integer")
+                kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class SimConfig:
     """All simulated models plus server-wide limits.
 
@@ -109,6 +156,8 @@ class SimConfig:
     replay: str | None = None
     """A replay dataset (JSONL, see ``batchroute.replay``): when set, completions return the
     recorded answers of real models instead of made-up ones (see ``sim/replay.py``)."""
+    batch: SimBatch = field(default_factory=SimBatch)
+    """The Files + Batches and Message Batches APIs (``sim/batches.py``)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SimConfig:
@@ -118,7 +167,7 @@ class SimConfig:
         if not isinstance(d, dict):
             raise SimConfigError(f"{where}: expected a table, got {d!r}")
         unknown = sorted(set(d) - {"models", "default", "seed", "rpm", "tpm", "window_s",
-                                  "replay"})
+                                  "replay", "batch"})
         if unknown:
             raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
         models_t = d.get("models", {})
@@ -138,6 +187,7 @@ class SimConfig:
             tpm=_limit(d.get("tpm"), f"{where}.tpm"),
             window_s=_window(d.get("window_s", 60.0), f"{where}.window_s"),
             replay=_replay_path(d.get("replay"), f"{where}.replay"),
+            batch=SimBatch.from_dict(d.get("batch"), f"{where}.batch"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +199,7 @@ class SimConfig:
             "tpm": self.tpm,
             "window_s": self.window_s,
             "replay": self.replay,
+            "batch": self.batch.to_dict(),
         }
 
     def model(self, name: str) -> SimModel:

@@ -20,7 +20,7 @@ from batchroute.replay import ReplayFormatError, ReplayIndex
 from batchroute.sim import replay as sim_replay
 from batchroute.sim import tokens
 from batchroute.sim.answers import Answer, generate_answer, logprobs_for
-from batchroute.sim.config import SimConfig, SimConfigError, SimModel
+from batchroute.sim.config import SimBatch, SimConfig, SimConfigError, SimModel
 from batchroute.sim.limits import Decision, Limit, RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -112,6 +112,10 @@ class SimEngine:
         with self.lock:
             self.config.default = copy.deepcopy(model)
 
+    def set_batch(self, settings: SimBatch) -> None:
+        with self.lock:
+            self.config.batch = copy.deepcopy(settings)
+
     def config_dict(self) -> dict[str, Any]:
         with self.lock:
             return self.config.to_dict()
@@ -151,9 +155,14 @@ class SimEngine:
 
     # --- the request path ------------------------------------------------------------
 
-    def complete(self, req: ChatRequest) -> Outcome:
+    def complete(self, req: ChatRequest, batch: bool = False) -> Outcome:
+        """One chat completion. ``batch=True`` is for a provider batch request: real
+        providers count batch work against separate (batch queue) limits, not the
+        synchronous rpm/tpm, and a batch's timing is its ``delay_s`` as a whole, so there
+        is no rate limit, per-request latency or hang (a 10,000-request batch would
+        otherwise take 10,000 latencies); answers, usage and other faults are the same."""
         if self.replay is not None:
-            return self._replay(req)
+            return self._replay(req, batch)
         with self.lock:
             model = self.config.model(req.model)
             limits = [
@@ -172,7 +181,8 @@ class SimEngine:
             req.max_tokens if req.max_tokens is not None else tokens.count_text(answer.content)
         )
         with self.lock:
-            decision = self.limiter.acquire(limits, reserve)
+            decision = (Decision(allowed=True) if batch
+                        else self.limiter.acquire(limits, reserve))
             if not decision.allowed:
                 self._stats[f"refused_{decision.refused_by}"] += 1
             draws = [self._faults.random() for _ in range(_DRAWS_PER_CALL)]
@@ -186,7 +196,7 @@ class SimEngine:
             )
             return Failure(429, "rate_limit", message, retry_after_s=decision.retry_after_s,
                            limit_type=kind, limits=decision)
-        outcome = self._serve(req, model, answer, prompt_tokens, draws, decision)
+        outcome = self._serve(req, model, answer, prompt_tokens, draws, decision, batch)
         if req.n > 1 and isinstance(outcome, Success):
             # Further samples: the same prompt under another seed, so each sample is good
             # or bad independently, as sampling a real model at temperature > 0 is.
@@ -198,7 +208,7 @@ class SimEngine:
                 outcome.completion_tokens + sum(tokens.count_text(x) for x in extra)))
         return outcome
 
-    def _replay(self, req: ChatRequest) -> Outcome:
+    def _replay(self, req: ChatRequest, batch: bool = False) -> Outcome:
         """Serve the recorded answer and usage as recorded: latency applies, injected faults
         and rate limits do not (they exercise other code and would perturb the figures a
         replay exists to measure)."""
@@ -208,7 +218,8 @@ class SimEngine:
             return Failure(found.status, "replay_miss", found.message)
         with self.lock:
             model = self.config.model(req.model)
-        self.wait(max(0.0, model.latency_ms) / 1000)
+        if not batch:
+            self.wait(max(0.0, model.latency_ms) / 1000)
         with self.lock:
             self._stats["answers"]["replayed"] += 1
             self._stats["tokens"]["prompt"] += found.prompt_tokens
@@ -219,14 +230,16 @@ class SimEngine:
                        alternatives=found.contents[1:])
 
     def _serve(self, req: ChatRequest, model: SimModel, answer: Answer, prompt_tokens: int,
-               draws: list[float], decision: Decision) -> Outcome:
+               draws: list[float], decision: Decision, batch: bool = False) -> Outcome:
         u_timeout, u_jitter, u_error, u_malformed, u_empty, u_filter, u_length = draws
         limits = decision if decision.requests or decision.tokens else None
         if u_timeout < model.timeout_rate:
             self._fault("timeout")
-            self.wait(model.hang_s)
+            if not batch:
+                self.wait(model.hang_s)
         jitter = (2 * u_jitter - 1) * model.latency_jitter_ms
-        self.wait(max(0.0, model.latency_ms + jitter) / 1000)
+        if not batch:
+            self.wait(max(0.0, model.latency_ms + jitter) / 1000)
 
         cumulative = 0.0
         for code in sorted(model.error_rates):

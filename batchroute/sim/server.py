@@ -22,7 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from batchroute.sim.config import SimConfig, SimConfigError, SimModel
+from batchroute.sim import batches
+from batchroute.sim.config import SimBatch, SimConfig, SimConfigError, SimModel
 from batchroute.sim.engine import SimEngine
 from batchroute.sim.protocols import AnthropicProtocol, ApiError, OpenAIProtocol, Reply, json_reply
 
@@ -39,14 +40,17 @@ _COMPLETION_PATHS: dict[str, OpenAIProtocol | AnthropicProtocol] = {
 _MODELS_PREFIX = "/_sim/models/"
 _REASONS = {529: "Overloaded"}
 _MAX_BODY = 64 * 1024 * 1024
+_MAX_BATCH_BODY = 300 * 1024 * 1024  # above both batch APIs' limits, so theirs are the ones hit
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a hanging request must never keep the process alive
     request_queue_size = 1024  # the default backlog of 5 refuses bursts of concurrent clients
 
-    def __init__(self, address: tuple[str, int], engine: SimEngine) -> None:
+    def __init__(self, address: tuple[str, int], engine: SimEngine,
+                 batch_registry: batches.BatchRegistry) -> None:
         self.engine = engine
+        self.batches = batch_registry
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -117,13 +121,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
+        path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
-            body = self._read_body()
+            body = self._read_body(_MAX_BATCH_BODY if batches.is_batch_path(path)
+                                   else _MAX_BODY)
         except (ValueError, OSError):
             self.close_connection = True
             self._send(json_reply(400, _openai_error("could not read the request body")))
             return
-        path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             reply = self._route(method, path, body)
         except Exception:  # a sim bug must answer 500, not hang the client
@@ -131,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = json_reply(500, _openai_error("simulator internal error", "server_error"))
         self._send(reply)
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, limit: int) -> bytes:
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             chunks: list[bytes] = []
             while True:
@@ -143,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("content-length") or 0)
-        if length < 0 or length > _MAX_BODY:
+        if length < 0 or length > limit:
             raise ValueError("bad content-length")
         return self.rfile.read(length) if length else b""
 
@@ -168,6 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._complete(protocol, body)
         if path.startswith("/_sim/"):
             return self._control(method, path, body)
+        if batches.is_batch_path(path):
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            reply = batches.route(self._server.batches, method, path, body, headers)
+            if reply is not None:
+                return reply
         if path in ("/v1/models", "/models") and method == "GET":
             names = sorted(engine.config_dict()["models"])
             return json_reply(200, {"object": "list", "data": [
@@ -208,6 +218,13 @@ class _Handler(BaseHTTPRequestHandler):
             return json_reply(200, {"ok": True})
         if path == "/_sim/config" and method == "GET":
             return json_reply(200, engine.config_dict())
+        if path == "/_sim/batch" and method in ("GET", "POST"):
+            if method == "POST":
+                try:
+                    engine.set_batch(SimBatch.from_dict(json.loads(body or b"{}"), "body"))
+                except (ValueError, SimConfigError) as e:
+                    return json_reply(400, _openai_error(str(e)))
+            return json_reply(200, engine.config_dict()["batch"])
         if path == "/_sim/reset" and method == "POST":
             engine.reset()
             return json_reply(200, {"ok": True})
@@ -252,6 +269,7 @@ class SimServer:
     def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1",
                  port: int = 0) -> None:
         self.engine = SimEngine(config if config is not None else SimConfig())
+        self.batches = batches.BatchRegistry(self.engine)
         self.host = host
         self.port = port
         self._httpd: _HTTPServer | None = None
@@ -281,7 +299,7 @@ class SimServer:
             return self
         self.engine.stopping.clear()
         cls = _HTTPServer6 if ":" in self.host else _HTTPServer
-        httpd = cls((self.host, self.port), self.engine)
+        httpd = cls((self.host, self.port), self.engine, self.batches)
         self.port = int(httpd.server_address[1])
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -336,6 +354,10 @@ class SimServer:
 
     def set_default(self, model: SimModel) -> None:
         self.engine.set_default(model)
+
+    def set_batch(self, settings: SimBatch) -> None:
+        """Batch API behaviour (delay, expiry, limits) for batches created from now on."""
+        self.engine.set_batch(settings)
 
 
 def serve_forever(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> None:
