@@ -284,21 +284,28 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
     return out_of_fold_models(rows, labels, folds, seed, dim, c)[0]
 
 
-def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[bool],
-                       folds: int, seed: int = 0, dim: int = DEFAULT_DIM,
-                       c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
-    """(out-of-fold scores, the fold scorers that gave them)."""
+def _fold_of(n: int, folds: int, seed: int) -> list[int]:
+    """Each row's fold: a seeded shuffle dealt round-robin, so folds differ by at most one
+    row and the same seed gives the same folds to every caller (models and designs)."""
     import random
 
-    n = len(rows)
-    if n == 0:
-        return [], []
-    folds = max(2, min(folds, n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
     fold_of = [0] * n
     for pos, i in enumerate(order):
         fold_of[i] = pos % folds
+    return fold_of
+
+
+def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[bool],
+                       folds: int, seed: int = 0, dim: int = DEFAULT_DIM,
+                       c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
+    """(out-of-fold scores, the fold scorers that gave them)."""
+    n = len(rows)
+    if n == 0:
+        return [], []
+    folds = max(2, min(folds, n))
+    fold_of = _fold_of(n, folds, seed)
     out = [0.0] * n
     models = []
     for f in range(folds):
@@ -339,17 +346,11 @@ def out_of_fold_design(matrix: Any, columns: Sequence[int], labels: Sequence[boo
                        c: float = DEFAULT_C) -> tuple[list[float], list[Scorer]]:
     """out_of_fold_models on rows of a prebuilt ``design`` matrix (same folds, same
     seed). Columns no fitted row uses get weight 0 under L2, as if left out."""
-    import random
-
     n = len(labels)
     if n == 0:
         return [], []
     folds = max(2, min(folds, n))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    fold_of = [0] * n
-    for pos, i in enumerate(order):
-        fold_of[i] = pos % folds
+    fold_of = _fold_of(n, folds, seed)
     out = [0.0] * n
     models = []
     for f in range(folds):

@@ -20,6 +20,18 @@ class SimConfigError(ValueError):
     """The ``[simulator]`` table is unusable; the message names the offending key."""
 
 
+
+def _check_table(cls: Any, d: Any, where: str) -> None:
+    """A table of known keys only: a typo'd key would otherwise leave a test or benchmark
+    silently without the fault or limit it meant to set."""
+    if not isinstance(d, dict):
+        raise SimConfigError(f"{where}: expected a table, got {d!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(sorted(known))})")
+
 @dataclass
 class SimModel:
     """Behaviour of one simulated model. Rates are probabilities in [0, 1]."""
@@ -47,13 +59,7 @@ class SimModel:
     def from_dict(cls, d: dict[str, Any], where: str = "model") -> SimModel:
         """Parse one model table; unknown keys are errors because a typo'd fault rate
         would otherwise silently leave a test or benchmark without its faults."""
-        if not isinstance(d, dict):
-            raise SimConfigError(f"{where}: expected a table, got {d!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
-                                 f"(known: {', '.join(sorted(known))})")
+        _check_table(cls, d, where)
         kwargs: dict[str, Any] = {}
         for name in _RATES:
             if name in d:
@@ -110,13 +116,7 @@ class SimBatch:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, where: str = "simulator.batch") -> SimBatch:
         d = d or {}
-        if not isinstance(d, dict):
-            raise SimConfigError(f"{where}: expected a table, got {d!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
-                                 f"(known: {', '.join(sorted(known))})")
+        _check_table(cls, d, where)
         kwargs: dict[str, Any] = {}
         if "delay_s" in d:
             kwargs["delay_s"] = _non_negative(d["delay_s"], f"{where}.delay_s")
