@@ -32,7 +32,14 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from batchroute.sim.batches import BatchJob, BatchRegistry, jsonl, new_id, processed_limit
+from batchroute.sim.batches import (
+    BatchJob,
+    BatchRegistry,
+    jsonl,
+    new_id,
+    processed_limit,
+    run_request,
+)
 from batchroute.sim.protocols import AnthropicProtocol, ApiError, Reply, json_reply
 
 _PROTOCOL = AnthropicProtocol()
@@ -116,22 +123,9 @@ def _create(registry: BatchRegistry, body: bytes, headers: dict[str, str]) -> Re
 
 def _compute(registry: BatchRegistry, custom_id: str, params: Any) -> dict[str, Any]:
     """One request through the synchronous engine; the reply becomes a result line."""
-    engine = registry.engine
-    model = params.get("model") if isinstance(params.get("model"), str) else None
-    try:
-        request = _PROTOCOL.parse(params, {})
-    except ApiError as e:
-        reply = _PROTOCOL.error(e.status, e.kind, e.message, e.param)
-    else:
-        reply = _PROTOCOL.render(engine.complete(request, batch=True), request)
-    engine.count_request("anthropic_batch", model)
-    engine.count_response(reply.status)
-    try:
-        payload = json.loads(reply.body)
-    except ValueError:  # an injected "malformed" fault: the provider's side failed
-        reply.status = 500
-        payload = {"type": "error", "error": {"type": "api_error",
-                                              "message": "Internal server error"}}
+    reply, payload = run_request(
+        registry, _PROTOCOL, "anthropic_batch", params,
+        {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})
     if reply.status == 200:
         return {"custom_id": custom_id, "result": {"type": "succeeded", "message": payload}}
     return {"custom_id": custom_id, "result": {"type": "errored", "error": payload}}

@@ -42,6 +42,7 @@ from batchroute.sim.batches import (
     new_id,
     parse_multipart,
     processed_limit,
+    run_request,
 )
 from batchroute.sim.protocols import ApiError, OpenAIProtocol, Reply, json_reply
 
@@ -197,22 +198,10 @@ def _validate(content: bytes, max_requests: int) -> tuple[list[tuple[str, Any]],
 
 def _compute(registry: BatchRegistry, custom_id: str, body: Any) -> dict[str, Any]:
     """One request through the synchronous engine; the reply becomes a result line."""
-    engine = registry.engine
-    model = body.get("model") if isinstance(body.get("model"), str) else None
-    try:
-        request = _PROTOCOL.parse(body, {})
-    except ApiError as e:
-        reply = _PROTOCOL.error(e.status, e.kind, e.message, e.param)
-    else:
-        reply = _PROTOCOL.render(engine.complete(request, batch=True), request)
-    engine.count_request("openai_batch", model)
-    engine.count_response(reply.status)
-    try:
-        payload = json.loads(reply.body)
-    except ValueError:  # an injected "malformed" fault: the provider's side failed
-        reply.status = 500
-        payload = {"error": {"message": "The server had an error processing this request.",
-                             "type": "server_error", "param": None, "code": None}}
+    reply, payload = run_request(
+        registry, _PROTOCOL, "openai_batch", body,
+        {"error": {"message": "The server had an error processing this request.",
+                   "type": "server_error", "param": None, "code": None}})
     return {"id": new_id("batch_req_"), "custom_id": custom_id,
             "response": {"status_code": reply.status,
                          "request_id": reply.headers.get("x-request-id", ""),

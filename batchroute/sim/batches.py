@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from batchroute.sim.engine import SimEngine
-from batchroute.sim.protocols import Reply
+from batchroute.sim.protocols import AnthropicProtocol, ApiError, OpenAIProtocol, Reply
 
 log = structlog.get_logger(__name__)
 
@@ -214,3 +214,26 @@ def route(registry: BatchRegistry, method: str, path: str, body: bytes,
 def is_batch_path(path: str) -> bool:
     """Batch uploads may exceed the synchronous body limit (up to 256 MB)."""
     return path.startswith(("/v1/messages/batches", "/v1/files", "/v1/batches"))
+
+
+def run_request(registry: BatchRegistry, protocol: OpenAIProtocol | AnthropicProtocol,
+                counter: str, body: Any, server_error: dict[str, Any]) -> tuple[Reply, Any]:
+    """One request of a batch through the synchronous engine (the same answers and usage a
+    synchronous call gets): its reply and the reply's JSON. An injected "malformed" fault
+    is the provider's side failing: a 500 with the API's own `server_error` body."""
+    engine = registry.engine
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    try:
+        request = protocol.parse(body, {})
+    except ApiError as e:
+        reply = protocol.error(e.status, e.kind, e.message, e.param)
+    else:
+        reply = protocol.render(engine.complete(request, batch=True), request)
+    engine.count_request(counter, model)
+    engine.count_response(reply.status)
+    try:
+        payload = json.loads(reply.body)
+    except ValueError:
+        reply.status = 500
+        payload = server_error
+    return reply, payload
