@@ -284,17 +284,19 @@ def out_of_fold(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], fol
     return out_of_fold_models(rows, labels, folds, seed, dim, c)[0]
 
 
-def _fold_of(n: int, folds: int, seed: int) -> list[int]:
-    """Each row's fold: a seeded shuffle dealt round-robin, so folds differ by at most one
-    row and the same seed gives the same folds to every caller (models and designs)."""
+def _splits(n: int, folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(rows to fit, rows held out) per fold: a seeded shuffle dealt round-robin, so folds
+    differ by at most one row and a seed gives the same folds to every caller."""
     import random
 
+    folds = max(2, min(folds, n))
     order = list(range(n))
     random.Random(seed).shuffle(order)
     fold_of = [0] * n
     for pos, i in enumerate(order):
         fold_of[i] = pos % folds
-    return fold_of
+    return [([i for i in range(n) if fold_of[i] != f], [i for i in range(n) if fold_of[i] == f])
+            for f in range(folds)]
 
 
 def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[bool],
@@ -304,13 +306,9 @@ def out_of_fold_models(rows: Sequence[Mapping[int, float]], labels: Sequence[boo
     n = len(rows)
     if n == 0:
         return [], []
-    folds = max(2, min(folds, n))
-    fold_of = _fold_of(n, folds, seed)
     out = [0.0] * n
     models = []
-    for f in range(folds):
-        fit_idx = [i for i in range(n) if fold_of[i] != f]
-        held = [i for i in range(n) if fold_of[i] == f]
+    for fit_idx, held in _splits(n, folds, seed):
         s = fit([rows[i] for i in fit_idx], [labels[i] for i in fit_idx], dim, c=c)
         models.append(s)
         for i in held:
@@ -349,13 +347,9 @@ def out_of_fold_design(matrix: Any, columns: Sequence[int], labels: Sequence[boo
     n = len(labels)
     if n == 0:
         return [], []
-    folds = max(2, min(folds, n))
-    fold_of = _fold_of(n, folds, seed)
     out = [0.0] * n
     models = []
-    for f in range(folds):
-        fit_idx = [i for i in range(n) if fold_of[i] != f]
-        held = [i for i in range(n) if fold_of[i] == f]
+    for fit_idx, held in _splits(n, folds, seed):
         y = [int(bool(labels[i])) for i in fit_idx]
         pos = sum(y)
         if pos in (0, len(y)):
