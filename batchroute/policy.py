@@ -19,8 +19,13 @@ MAX_ATTEMPTS_PER_JOB = 12
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 # Retries past max_retries while a job waits out transient errors (Position.can_wait)
-# back off at most this many doublings (0.5 s, 1 s, 2 s).
-WAIT_BACKOFF_STEPS = 3
+# stay at the first backoff step (0.25-0.5 s), however many errors came before: the
+# model's breaker is closed, so it answers most calls and each retry is an independent
+# draw; a longer wait only stretched the batch's tail (benchmarks/peers.py, 30% faults:
+# the last ~2 s of a 6 s run were jobs sleeping 1-2 s before their 4th and 5th attempts).
+# It costs the provider nothing extra: a waiting job frees its worker slot, so the call
+# rate stays bounded by concurrency; a 429's Retry-After still wins.
+WAIT_BACKOFF_STEPS = 1
 # While every model of a tier is cooling down (circuit breakers open), a job waits: see
 # batchroute.waiting (until the batch deadline, or until the next tier takes it).
 # The longest single wait a provider's Retry-After can impose: `Retry-After: 999999999`

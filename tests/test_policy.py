@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchroute.policy import MAX_ATTEMPTS_PER_JOB, Action, Position, after_error, after_validation
+from batchroute.policy import (
+    BACKOFF_BASE_S,
+    MAX_ATTEMPTS_PER_JOB,
+    Action,
+    Position,
+    after_error,
+    after_validation,
+)
 from batchroute.providers.base import ErrorKind
 
 
@@ -54,7 +61,8 @@ def test_attempts_are_bounded() -> None:
 def test_with_nowhere_else_to_go_transient_errors_are_waited_out_with_a_short_backoff() -> None:
     last = pos(tier_index=2, consecutive_errors=7, attempt_no=8, can_wait=True)
     d = after_error(last, ErrorKind.OVERLOADED, "503")
-    assert d.action is Action.RETRY and d.delay_s <= 2.0  # not 30 s: the model answers
+    # not 30 s, nor a doubling per error: the model answers, each retry is a fresh draw
+    assert d.action is Action.RETRY and d.delay_s <= BACKOFF_BASE_S
     assert after_error(last, ErrorKind.RATE_LIMITED, "429", retry_after=5).delay_s >= 5
     # past the deadline (can_wait False) it ends as before; fatal errors never wait
     assert after_error(pos(tier_index=2, consecutive_errors=7), ErrorKind.OVERLOADED,

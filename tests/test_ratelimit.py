@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from batchroute.completion import Completion, Usage
 from batchroute.config import parse_config
 from batchroute.providers.base import ErrorKind, ProviderError
 from batchroute.ratelimit import (
+    DEFAULT_SAFETY_S,
     DEFER,
     GRANTED,
     MAX_DEFER_S,
@@ -208,6 +210,23 @@ def test_limits_in_the_config_are_checked() -> None:
         with pytest.raises(ConfigError):
             _config(provider=bad[0], model=bad[1])
 
+
+
+def test_a_provider_may_set_its_safety_margin() -> None:
+    """The margin is a share of the allowance (window + margin): 5% of a 10 s window at
+    the default 0.5 s; a provider on a short, steady path may lower it, and only there."""
+    from batchroute.config import ConfigError
+
+    cfg = _config(provider="rpm = 100\nrate_safety_s = 0.1\n[providers.q]\n"
+                           'base_url = "sim://"\nrpm = 100')
+    lim = Limiter(cfg, MemoryBackend())
+    scopes = lim.scopes(cfg.models["m"])
+    assert scopes and all(s.rpm and s.rpm.safety_s == 0.1 for s in scopes)
+    other = replace(cfg.models["m"], name="mq", provider="q")
+    assert all(s.rpm and s.rpm.safety_s == DEFAULT_SAFETY_S for s in lim.scopes(other))
+    assert cfg.providers["q"].rate_safety_s is None
+    with pytest.raises(ConfigError):
+        _config(provider="rate_safety_s = -0.1")
 
 # ---- the in-memory backend and the Limiter (fake clock) -------------------------------------
 

@@ -107,12 +107,13 @@ class Limiter:
         if p.rate_window_s <= 0:
             raise ValueError(f"providers.{p.name}.rate_window_s must be > 0")
         base = f"{KEY_PREFIX}{{{p.name}}}"
+        safety = self.safety_s if p.rate_safety_s is None else p.rate_safety_s
         scopes = [
             build_scope(p.name, base, p.rate_window_s, p.rpm, p.tpm, p.max_concurrency,
-                        self.safety_s, self.token_burst_fraction),
+                        safety, self.token_burst_fraction),
             build_scope(f"{p.name}/{model.name}", f"{base}:model:{model.name}",
                         p.rate_window_s, model.rpm, model.tpm, model.max_concurrency,
-                        self.safety_s, self.token_burst_fraction),
+                        safety, self.token_burst_fraction),
         ]
         return tuple(s for s in scopes if s.limited)
 
