@@ -12,22 +12,12 @@ import pytest
 from batchroute import calibrate as cal
 from batchroute.calibrate.crossval import lower_bound
 from batchroute.completion import Completion, Usage
-from batchroute.config import Config, parse_config
+from batchroute.config import parse_config
 from batchroute.pipeline import earlier_answers
 from batchroute.replay import Record, Response, Sample
 from batchroute.validators import ValidatorError, build_validators, passed, run_validators
 
-PRICES = {"cheap": (0.1, 0.2), "mid": (1.0, 2.0), "big": (10.0, 30.0)}
-
-
-def make_config(checks: list[dict[str, Any]] | None = None) -> Config:
-    return parse_config({
-        "providers": {"replay": {"base_url": "sim://"}},
-        "models": {m: {"provider": "replay", "tier": i + 1,
-                       "price": {"input_per_mtok": p[0], "output_per_mtok": p[1]}}
-                   for i, (m, p) in enumerate(PRICES.items())},
-        "tasks": {"qa": {"ladder": [1, 2, 3], "validators": checks or []}},
-    })
+from .test_calibrate import make_config
 
 
 def rec(i: int, answers: dict[str, str], truth: str) -> Record:
