@@ -356,7 +356,8 @@ def _hammer(seed: int, until: float, out: Any) -> None:
     import redis
 
     be = RedisBackend(redis.Redis.from_url(REDIS_URL))
-    scope, rng, got = _redis_scope(), random.Random(seed), []
+    scope, rng = _redis_scope(), random.Random(seed)
+    got: list[Any] = []
     while time.time() < until:
         cost = rng.randint(5, 30)
         holder = f"h{seed}-{len(got)}-{rng.random()}"  # one per acquisition, as Limiter's

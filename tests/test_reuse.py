@@ -333,5 +333,6 @@ def test_two_celery_workers_answer_a_duplicated_request_once(start_worker, tmp_p
     assert len(paid) == 1  # one provider answer for the 20 identical requests
     assert len(reused) == 19 and {a.job_id for a in reused} == dup_ids - paid
     assert all(a.cost_usd == 0 for a in reused)
-    answers = {json.dumps(jobs[c].result["choices"]) for c in jobs if c.startswith("dup-")}
+    answers = {json.dumps((jobs[c].result or {})["choices"]) for c in jobs
+               if c.startswith("dup-")}
     assert len(answers) == 1

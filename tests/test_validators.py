@@ -295,13 +295,14 @@ def test_json_schema_reason_stays_short() -> None:
 
 
 def test_json_schema_remote_ref_is_refused_when_built_and_never_fetched_when_run() -> None:
-    spec = {"type": "json_schema", "schema": {"$ref": "https://example.invalid/event.json"}}
+    schema = {"$ref": "https://example.invalid/event.json"}
+    spec = {"type": "json_schema", "schema": schema}
     with pytest.raises(ValidatorError, match="is not a local reference"):
         build_validators([spec])
     # Built past the spec check (as a config could), it fails the answer instead.
     from batchroute.validators.checks import _JsonSchema
 
-    verdict = _JsonSchema("json_schema", spec["schema"]).check(completion("{}"))
+    verdict = _JsonSchema("json_schema", schema).check(completion("{}"))
     assert not verdict.ok
     assert "cannot be resolved" in verdict.reason
 
