@@ -12,18 +12,14 @@ and with `workers=0` the same code runs in-process, which is what small inputs u
 
 Workers are forked (on platforms that have fork): they start in milliseconds with the
 parent's modules and caches (the tokenizer takes ~1.5 s to load otherwise) and run only
-pure functions, never the parent's database or broker connections. That is also why they
-skip multiprocessing's after-fork hooks: kombu registers one per connection pool that
-closes the pool's connections in the child, and closing a Redis channel with a BRPOP in
-flight (a consumer, a `control.inspect` reply) reads the reply from the parent's socket,
-which blocks the child, and with it the whole ingest, forever.
+pure functions, never the parent's database or broker connections (batchroute.forksafe
+makes the inherited ones harmless: kombu's own after-fork close of a pool with a BRPOP in
+flight used to block these children, and with them the whole ingest, forever).
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-import multiprocessing.util
 import os
 import warnings
 from collections import deque
@@ -48,22 +44,6 @@ def _noop() -> None:
 
 def _call(fn: Callable[[Any, Any], Any], item: Any) -> Any:
     return fn(_state, item)
-
-
-@contextlib.contextmanager
-def _without_after_fork_hooks() -> Iterator[None]:
-    """Forks made inside run none of multiprocessing's after-fork hooks (see the module
-    docstring). The registry is private to multiprocessing, so without it this does nothing."""
-    registry = getattr(multiprocessing.util, "_afterfork_registry", None)
-    if registry is None:  # pragma: no cover - another Python's multiprocessing
-        yield
-        return
-    saved = dict(registry)
-    registry.clear()
-    try:
-        yield
-    finally:
-        registry.update(saved)
 
 
 def default_workers(limit: int = 4) -> int:
@@ -94,13 +74,12 @@ class OrderedPool(Generic[T, R]):
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx,
                                                  initializer=_init, initargs=(self.state,))
-            with warnings.catch_warnings(), _without_after_fork_hooks():
+            with warnings.catch_warnings():
                 # Python 3.12+ warns about fork in a threaded process; the children run
                 # only `fn` on plain data, never locks or connections of other threads.
                 warnings.filterwarnings("ignore", category=DeprecationWarning,
                                         message=".*fork.*")
-                # With fork, the first submit starts every worker: all forks happen here.
-                self._executor.submit(_noop).result()
+                self._executor.submit(_noop).result()  # start the workers now
         return self
 
     def __exit__(self, *exc: object) -> None:
