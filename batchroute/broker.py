@@ -21,6 +21,8 @@ TASK_NAME = "batchroute.process_job"
 CHUNK_TASK = "batchroute.process_jobs"
 SWEEP_TASK = "batchroute.sweep"
 SWEEP_QUEUE = "batchroute.sweep"
+# Beat's provider-batch tick (batchroute.provider_batch.runner), on the sweep queue.
+PROVIDER_BATCH_TASK = "batchroute.provider_batches"
 
 # Hard limit < claim lease (960 s, store.DEFAULT_LEASE_S) < visibility timeout: a live
 # attempt is never taken over by the sweeper, and Redis never redelivers the message of a
@@ -28,6 +30,7 @@ SWEEP_QUEUE = "batchroute.sweep"
 DEFAULT_TIME_LIMIT_S = 900.0
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
 DEFAULT_SWEEP_INTERVAL_S = 60.0
+DEFAULT_PROVIDER_BATCH_TICK_S = 10.0
 
 
 class BrokerSettingsError(ValueError):
@@ -50,6 +53,12 @@ def _env_seconds(name: str, default: float) -> float:
 def sweep_interval_s() -> float:
     """How often beat runs the sweeper (BATCHROUTE_SWEEP_INTERVAL_S, default 60 s)."""
     return _env_seconds("BATCHROUTE_SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S)
+
+
+def provider_batch_tick_s() -> float:
+    """How often beat runs the provider-batch tick (BATCHROUTE_PROVIDER_BATCH_TICK_S,
+    default 10 s; each provider batch is still polled only every `poll_s`)."""
+    return _env_seconds("BATCHROUTE_PROVIDER_BATCH_TICK_S", DEFAULT_PROVIDER_BATCH_TICK_S)
 
 
 def reliability_timeouts() -> tuple[float, float, float]:
@@ -76,6 +85,7 @@ def broker_url() -> str:
 def celery_settings() -> dict[str, Any]:
     time_limit, _lease, visibility = reliability_timeouts()
     interval = sweep_interval_s()
+    tick = provider_batch_tick_s()
     task_events = os.environ.get("BATCHROUTE_TASK_EVENTS", "1").strip().lower() not in (
         "0", "false", "no", "off")
     return {
@@ -111,6 +121,9 @@ def celery_settings() -> dict[str, Any]:
         "beat_schedule": {
             "batchroute-sweep": {"task": SWEEP_TASK, "schedule": interval,
                                  "options": {"queue": SWEEP_QUEUE, "expires": interval}},
+            "batchroute-provider-batches": {
+                "task": PROVIDER_BATCH_TASK, "schedule": tick,
+                "options": {"queue": SWEEP_QUEUE, "expires": tick}},
         },
         # Task events feed Flower's task list. They cost broker round trips per task on the
         # worker's one event-loop thread (measured: ~30% less throughput with 16 threads on

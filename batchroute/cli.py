@@ -78,6 +78,17 @@ def _reuse_option(f: Any) -> Any:
              "command stores (a file stored before keeps its jobs' setting).")(f)
 
 
+def _provider_batch_option(f: Any) -> Any:
+    """--provider-batch / --no-provider-batch, the same on `run` and `submit`."""
+    return click.option(
+        "--provider-batch/--no-provider-batch", "provider_batch", default=None,
+        help="Provider batch APIs (OpenAI Batch, Anthropic Message Batches: about half "
+             "price, answers within hours): pools marked `batch = true` in the routing "
+             "config use them by default; --no-provider-batch sends this batch's calls "
+             "synchronously. At --deadline, provider batches still running are cancelled "
+             "and what is left runs synchronously.")(f)
+
+
 def _reuse_mode(reuse: bool | None) -> str | None:
     return None if reuse is None else "on" if reuse else "off"
 
@@ -138,10 +149,12 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
                    "either way).")
 @_deadline_option
 @_reuse_option
+@_provider_batch_option
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
         concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
-        fail_on_failed: bool, deadline: float, reuse: bool | None) -> None:
+        fail_on_failed: bool, deadline: float, reuse: bool | None,
+        provider_batch: bool | None) -> None:
     """Run FILE start to finish in this process (SQLite file, no Redis needed)."""
     from batchroute.embedded import run_file
     from batchroute.ingest import BatchInputError
@@ -164,7 +177,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
             outcome = run_file(file, output, errors, obj.config, concurrency=concurrency,
                                on_ingested=ingested, on_progress=advance, strict=strict,
                                budget_usd=budget_usd, deadline_s=deadline,
-                               reuse_mode=_reuse_mode(reuse))
+                               reuse_mode=_reuse_mode(reuse), provider_batch=provider_batch)
         except (ConfigError, BatchInputError) as e:
             raise click.ClickException(str(e)) from None
     if report_json:
@@ -203,9 +216,11 @@ def _duration(value: str) -> float:
                    "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
 @_deadline_option
 @_reuse_option
+@_provider_batch_option
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
-           budget_usd: float | None, deadline: float, reuse: bool | None) -> None:
+           budget_usd: float | None, deadline: float, reuse: bool | None,
+           provider_batch: bool | None) -> None:
     """Store FILE's jobs and put them on the queues; prints the batch id.
 
     Submitting the same file again finds the same batch and adds nothing twice.
@@ -223,7 +238,8 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             result = ingest_file(obj.config, store, CeleryDispatcher(), file, name,
                                  progress=lambda n: progress.advance(bar, n), strict=strict,
                                  budget_usd=budget_usd, deadline_s=deadline,
-                                 reuse_mode=_reuse_mode(reuse))
+                                 reuse_mode=_reuse_mode(reuse),
+                                 provider_batch=provider_batch)
     except BatchInputError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, OperationalError) as e:  # broker down

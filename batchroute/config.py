@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from batchroute.breaker import BreakerConfig
 from batchroute.budget import BudgetConfig
 from batchroute.cascade import CascadeConfig, CascadeConfigError
+from batchroute.provider_batch.settings import ProviderBatchConfig, ProviderBatchConfigError
 from batchroute.reuse import ReuseConfig, ReuseConfigError
 
 T = TypeVar("T")
@@ -57,6 +58,11 @@ class ProviderConfig:
     # The whole call (connect, headers, body) ends `deadline_exceeded` after timeout_s times
     # this: timeout_s alone bounds each read, and a body trickled byte by byte never trips it.
     deadline_factor: float = 3.0
+    # Send this provider's jobs through its batch API (OpenAI Files + Batches, Anthropic
+    # Message Batches) when their batch allows it (batchroute.provider_batch), at
+    # `batch_discount` times the synchronous price where genai-prices has no batch price.
+    batch: bool = False
+    batch_discount: float = 0.5
 
     @property
     def deadline_s(self) -> float:
@@ -96,6 +102,8 @@ class ModelConfig:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+    # Overrides its provider's `batch` for this model alone (None: the provider's).
+    batch: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
+    provider_batch: ProviderBatchConfig = field(default_factory=ProviderBatchConfig)
     source: str = "<default>"
 
     def task(self, name: str | None) -> TaskProfile:
@@ -141,6 +150,10 @@ class Config:
 
     def provider_of(self, model: ModelConfig) -> ProviderConfig:
         return self.providers[model.provider]
+
+    def uses_batch_api(self, model: ModelConfig) -> bool:
+        """Whether calls to this model may go through its provider's batch API."""
+        return model.batch if model.batch is not None else self.providers[model.provider].batch
 
 
 def _get(table: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str,
@@ -179,7 +192,16 @@ def _parse_provider(name: str, t: dict[str, Any]) -> ProviderConfig:
         rate_safety_s=_non_negative(t, "rate_safety_s", where),
         max_reply_bytes=int(_positive(t, "max_reply_bytes", where, 16 * 1024 * 1024)),
         deadline_factor=_positive(t, "deadline_factor", where, 3.0),
+        batch=_get(t, "batch", bool, where, False),
+        batch_discount=_fraction(t, "batch_discount", where, 0.5),
     )
+
+
+def _fraction(t: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = float(_get(t, key, (int, float), where, default))
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}.{key}: must be between 0 and 1, got {value:g}")
+    return value
 
 
 def _positive(t: dict[str, Any], key: str, where: str, default: float) -> float:
@@ -238,6 +260,7 @@ def _parse_model(name: str, t: dict[str, Any], providers: dict[str, ProviderConf
         rpm=_limit(t, "rpm", where),
         tpm=_limit(t, "tpm", where),
         max_concurrency=_limit(t, "max_concurrency", where),
+        batch=_get(t, "batch", bool, where, None),
     )
 
 
@@ -313,6 +336,8 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> Config:
         budget=BudgetConfig.from_dict(data.get("budget", {})),
         cascade=_parse_cascade(data.get("cascade", {})),
         reuse=_parse_reuse(data.get("reuse", {})),
+        provider_batch=_parse_table("provider_batch", data.get("provider_batch", {}),
+                                    ProviderBatchConfig.from_dict, ProviderBatchConfigError),
         source=source,
     )
     from batchroute.pricing import check_prices

@@ -8,6 +8,7 @@ workers run, so what a user sees here is what the deployment does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,16 @@ from batchroute.config import Config, check_api_keys, load_config
 from batchroute.dispatch import LocalDispatcher
 from batchroute.ingest import IngestResult, ingest_file
 from batchroute.pipeline import process_job
+from batchroute.provider_batch import runner as batch_api_runner
 from batchroute.recovery import reclaim_for_local_run
 from batchroute.reports import batch_report
 from batchroute.results import WriteSummary, write_results
 from batchroute.runtime import Runtime
 from batchroute.store import Store
+
+# How often the run loop looks at its provider batches while nothing else runs (each is
+# still polled only every [provider_batch] poll_s).
+PROVIDER_BATCH_TICK_S = 0.25
 
 
 @dataclass
@@ -37,7 +43,8 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
              on_ingested: Callable[[IngestResult], None] | None = None,
              on_progress: Callable[[dict[str, int]], None] | None = None,
              strict: bool = False, budget_usd: float | None = None,
-             deadline_s: float | None = None, reuse_mode: str | None = None) -> RunOutcome:
+             deadline_s: float | None = None, reuse_mode: str | None = None,
+             provider_batch: bool | None = None) -> RunOutcome:
     config = config or load_config()
     check_api_keys(config)
     store = store or Store()
@@ -46,7 +53,8 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
     try:
         ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd,
-                             deadline_s=deadline_s, reuse_mode=reuse_mode)
+                             deadline_s=deadline_s, reuse_mode=reuse_mode,
+                             provider_batch=provider_batch)
         # Nobody else works on this batch: jobs an interrupted run left "running" (and jobs
         # cancelled) run again, at a new attempt number so the ledger keeps the old one.
         reclaim_for_local_run(store, config, ingest.batch_id)
@@ -54,7 +62,16 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
         dispatcher.enqueue_many([(i, n, config.providers[p].queue) for i, n, p in queued])
         if on_ingested is not None:
             on_ingested(ingest)
-        while not dispatcher.join(timeout=0.25):
+        batch_api = any(config.uses_batch_api(m) for m in config.models.values())
+        while True:
+            idle = dispatcher.join(timeout=0.25)
+            if batch_api and batch_api_runner.pending(rt, ingest.batch_id):
+                # Jobs wait in provider batches: this loop is their beat.
+                batch_api_runner.tick(rt)
+                if idle:
+                    time.sleep(PROVIDER_BATCH_TICK_S)
+            elif idle:
+                break
             if on_progress is not None:
                 on_progress(store.state_counts(ingest.batch_id))
         if dispatcher.errors:

@@ -355,7 +355,8 @@ def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, pat
                 name: str | None = None,
                 progress: Callable[[int], None] | None = None,
                 strict: bool = False, budget_usd: float | None = None,
-                deadline_s: float | None = None, reuse_mode: str | None = None) -> IngestResult:
+                deadline_s: float | None = None, reuse_mode: str | None = None,
+                provider_batch: bool | None = None) -> IngestResult:
     """Store (and publish) a file's jobs; raises BatchInputError, before storing anything,
     for a file that cannot be taken at all (or, with `strict`, has any bad line).
     `reuse_mode` applies to new jobs only: a file submitted again keeps its stored keys."""
@@ -363,7 +364,8 @@ def ingest_file(config: Config, store: Store, dispatcher: Dispatcher | None, pat
     if strict:
         check_lines(config, path)
     batch_id = file_batch_id(path)
-    store.ensure_batch(batch_id, name or path.name, str(path), budget_usd, deadline_s)
+    store.ensure_batch(batch_id, name or path.name, str(path), budget_usd, deadline_s,
+                       provider_batch)
     result = ingest_lines(config, store, dispatcher, batch_id, _lines(path), progress,
                           workers=ingest_workers(path), reuse_mode=reuse_mode)
     store.update_batch(batch_id, total_lines=result.lines, error_lines=result.problem_count,

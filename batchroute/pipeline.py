@@ -23,6 +23,7 @@ from batchroute.budget import BudgetRefused
 from batchroute.completion import Completion, Usage
 from batchroute.config import ModelConfig
 from batchroute.policy import Action, Decision, Position
+from batchroute.provider_batch.plan import wants_batch_api
 from batchroute.providers import ProviderError, call
 from batchroute.providers.base import ErrorKind
 from batchroute.providers.retry_after import capped
@@ -30,7 +31,7 @@ from batchroute.ratelimit import Grant
 from batchroute.reuse_run import try_reuse
 from batchroute.router import pick_model
 from batchroute.runtime import Runtime
-from batchroute.store import FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
+from batchroute.store import BATCHED, FAILED, QUEUED, SUCCEEDED, Attempt, Job, Move
 from batchroute.tokens import max_completion
 from batchroute.validators import (
     build_for_run,
@@ -160,9 +161,9 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
         return _no_model_now(rt, job, writes)
     jlog = jlog.bind(model=model.name)
     provider = rt.config.provider_of(model)
-    specs = _validator_specs(rt, job, model.tier)
-    # A consensus check asks for its k samples as n choices of this one call.
-    body = consensus.with_samples(job.body, specs)
+    specs, body = request_for(rt, job, model)
+    if _goes_to_provider_batch(rt, job, model):  # half price, answered within the window
+        return _to_provider_batch(rt, job, model, body, writes, jlog)
     reserved_max = _max_cost(job, body, model)
     try:  # reserve this call's most expensive outcome under every budget that applies
         hold = rt.budget.hold(job.batch_id, reserved_max, bool(job.escalations))
@@ -188,9 +189,24 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     finally:
         rt.limiter.settle(grant, completion, error)  # reconcile tokens, free the slot
     _feed_breaker(rt, model, error, jlog)
+    rt.budget.settle(hold, charge.cost_usd if charge is not None else 0.0)
+    return conclude(rt, job, model, specs, completion, error, charge, writes, jlog)
 
-    row = _attempt_row(job, model, attempt_no, completion, error, charge)
-    rt.budget.settle(hold, row["cost_usd"])
+
+def request_for(rt: Runtime, job: Job, model: ModelConfig
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The checks of an attempt at this model's tier, and the body to send: a consensus
+    check asks for its k samples as n choices of this one call."""
+    specs = _validator_specs(rt, job, model.tier)
+    return specs, consensus.with_samples(job.body, specs)
+
+
+def conclude(rt: Runtime, job: Job, model: ModelConfig, specs: list[dict[str, Any]],
+             completion: Completion | None, error: ProviderError | None,
+             charge: billing.Bill | None, writes: Writes, jlog: Any) -> str:
+    """After the call (synchronous, or a provider batch's result): record, validate,
+    decide, move on. Exactly one of `completion` and `error` is set."""
+    row = _attempt_row(job, model, job.attempt_no, completion, error, charge)
     if completion is not None:
         completion = consensus.majority_first(completion, specs)  # the voted answer first
         verdicts = run_validators(build_for_run(specs, rt.config.custom_validators),
@@ -216,6 +232,36 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
     # The Attempt row is written by the transition that moves the job on, in its transaction.
     return _apply(rt, writes, job, model, attempt, decision, completion, verdicts,
                   error.response if error is not None else None)
+
+
+def _goes_to_provider_batch(rt: Runtime, job: Job, model: ModelConfig) -> bool:
+    if not rt.config.uses_batch_api(model):  # the common case costs no lookup
+        return False
+    return wants_batch_api(True, waiting.provider_batch_flag(rt.store, job.batch_id),
+                           job.options, time.time(),
+                           waiting.batch_deadline(rt.store, job.batch_id))
+
+
+def _to_provider_batch(rt: Runtime, job: Job, model: ModelConfig, body: dict[str, Any],
+                       writes: Writes, jlog: Any) -> str:
+    """Park the job for the next provider batch of its pool (batchroute.provider_batch):
+    no message is published; the provider-batch tick gathers, submits and collects. The
+    budget is reserved now, at the batch price, and settled when the result comes."""
+    try:
+        hold = rt.budget.hold(job.batch_id, _max_cost(job, body, model)
+                              * rt.config.provider_of(model).batch_discount,
+                              bool(job.escalations))
+    except BudgetRefused as e:
+        jlog.warning("budget_refused", reason=e.message)
+        return _finish_failed(rt, writes, job, "budget_exhausted", e.message,
+                              model=model.name, provider=model.provider)
+    options = dict(job.options) | {"budget_hold": [list(p) for p in hold.parts]}
+    if not rt.store.transition(job.id, job.attempt_no, state=BATCHED, provider_batch_id=None,
+                               model=model.name, provider=model.provider, options=options):
+        rt.budget.settle(hold, 0.0)
+        return "skipped"
+    jlog.debug("provider_batch_waiting")
+    return "batched"
 
 
 def _available(rt: Runtime, tier: int, pin: str | None, exclude: set[str]) -> ModelConfig | None:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from batchroute import store_provider_batch
 from batchroute.config import Config
 from batchroute.dispatch import Dispatcher
 from batchroute.store import CANCELLED, FAILED, LOST, QUEUED, Attempt, Batch, Store, utcnow
@@ -270,7 +271,8 @@ def sweep(store: Store, config: Config, dispatcher: Dispatcher | None, *,
 
 
 def cancel_batch(store: Store, batch_id: str, now: datetime | None = None) -> dict[str, int]:
-    """Stop a batch: queued and running jobs become cancelled; finished jobs stay as they are.
+    """Stop a batch: queued, running and provider-batched jobs become cancelled; finished
+    jobs stay as they are.
 
     A call already in flight cannot be recalled: it finishes and is billed (its Attempt is
     recorded) but its answer is discarded, since the job no longer accepts it. Running
@@ -294,8 +296,13 @@ def cancel_batch(store: Store, batch_id: str, now: datetime | None = None) -> di
         queued, running = queued + q, running + r
         if not q and not r:
             break
-    log.info("batch_cancelled", batch_id=batch_id, queued=queued, running=running)
-    return {"cancelled_queued": queued, "cancelled_running": running}
+    # Provider batches in flight are cancelled at the provider by the next provider-batch
+    # tick; what they had already answered is recorded (billed) with the answer discarded.
+    provider_batches = store_provider_batch.request_cancel(store, batch_id)
+    log.info("batch_cancelled", batch_id=batch_id, queued=queued, running=running,
+             provider_batches=provider_batches)
+    return {"cancelled_queued": queued, "cancelled_running": running,
+            "provider_batches_cancelling": provider_batches}
 
 
 def resume_batch(store: Store, config: Config, dispatcher: Dispatcher, batch: Batch, *,

@@ -8,13 +8,15 @@ priced from the same tokens.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
+from batchroute import store_provider_batch
 from batchroute.adaptive import cascade_report
 from batchroute.completion import Usage
 from batchroute.config import Config
-from batchroute.pricing import reference_cost
+from batchroute.pricing import model_cost, reference_cost
+from batchroute.provider_batch.pricing import BATCH_FLAG
 from batchroute.reuse_run import REUSED
 from batchroute.store import FAILED, FINISHED, SUCCEEDED, Attempt, Store
 from batchroute.store_reuse import reused_from
@@ -57,6 +59,18 @@ def _add_attempt(bucket: dict[str, Any], cost: float, tokens: int) -> None:
     bucket["tokens"] += tokens
 
 
+def _batch_discount(config: Config, a: Attempt) -> float:
+    """What an attempt answered through a provider batch saved against the same call
+    made synchronously (its tokens at the model's synchronous price)."""
+    if not a.flags or BATCH_FLAG not in a.flags.split(","):
+        return 0.0
+    model = config.models.get(a.model)
+    if model is None:
+        return 0.0
+    sync = model_cost(model, Usage(a.prompt_tokens, a.completion_tokens, a.cached_tokens))
+    return max(0.0, sync - a.cost_usd)
+
+
 def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
     """The report of one batch (`batchroute report BATCH --json`).
 
@@ -94,10 +108,11 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
     job_tags = {j[0]: _tags(j[9]) for j in jobs}
     last_usage: dict[str, Usage] = {}
     job_cost: dict[str, float] = defaultdict(float)
-    cost = 0.0
+    cost = batch_discount = 0.0
     for a in attempts:
         tokens = a.prompt_tokens + a.completion_tokens
         cost += a.cost_usd
+        batch_discount += _batch_discount(config, a)
         job_cost[a.job_id] += a.cost_usd
         for key, value in (("by_tier", str(a.tier)), ("by_model", a.model),
                            ("by_provider", a.provider),
@@ -161,7 +176,11 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         "unpriced_reference_jobs": unpriced,
         "budget_usd": batch.budget_usd if batch else None,
     }
-    batch_discount = 0.0  # provider batch mode (#18) is not implemented yet
+    pbs = store_provider_batch.of_batch(store, batch_id)
+    report["provider_batches"] = {
+        "count": len(pbs), "requests": sum(p.jobs for p in pbs),
+        "by_state": dict(Counter(p.state for p in pbs)),
+        "by_status": dict(Counter(p.remote_status for p in pbs if p.remote_status))}
     report["reuse"] = {"hits": len(reused), "within_batch": within,
                        "across_batches": len(reused) - within,
                        "saved_usd": round(reuse_saved, 8)}

@@ -46,6 +46,9 @@ DEFAULT_DATABASE_URL = "sqlite:///batchroute.db"
 
 # Job states. "queued" means a message for (id, attempt_no) is or should be on the broker.
 QUEUED, RUNNING = "queued", "running"
+# Waiting for, or inside, a provider batch (batchroute.provider_batch): no broker message;
+# the provider-batch tick moves it on. `provider_batch_id` says which one (None: not yet).
+BATCHED = "batched"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 # Attempt outcome of a placeholder the sweeper (or cancel) writes for a run that never
@@ -76,6 +79,8 @@ class Batch(SQLModel, table=True):
     budget_usd: float | None = None  # None: the config's [budget] batch_usd, if any
     # Until when its jobs may wait out outages (batchroute.waiting); None: created + 24 h.
     deadline_at: datetime | None = None
+    # Whether its jobs may go through provider batch APIs (None: where the config says so).
+    provider_batch: bool | None = None
 
 
 # Answer reuse looks jobs up by key and state (batchroute.store_reuse). One composite index:
@@ -87,8 +92,14 @@ _REUSE_INDEX = Index("ix_job_reuse", "reuse_key", "state", "batch_id",
                      sqlite_where=text("reuse_key IS NOT NULL"))
 
 
+# Jobs of one provider batch, looked up when it is submitted and when its results come.
+_PBATCH_INDEX = Index("ix_job_pbatch", "provider_batch_id",
+                      postgresql_where=text("provider_batch_id IS NOT NULL"),
+                      sqlite_where=text("provider_batch_id IS NOT NULL"))
+
+
 class Job(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("batch_id", "custom_id"), _REUSE_INDEX)
+    __table_args__ = (UniqueConstraint("batch_id", "custom_id"), _REUSE_INDEX, _PBATCH_INDEX)
 
     id: str = Field(primary_key=True)
     batch_id: str = Field(index=True)
@@ -121,6 +132,7 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    provider_batch_id: str | None = Field(default=None, max_length=64)
 
 
 class Attempt(SQLModel, table=True):
@@ -149,6 +161,39 @@ class Attempt(SQLModel, table=True):
     # cost_clamped. Nullable, so older databases gain it in _add_missing_columns.
     flags: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class ProviderBatch(SQLModel, table=True):
+    """One batch at a provider's batch API (batchroute.provider_batch).
+
+    The row, with its jobs pointing at it, is committed before anything is uploaded, and
+    `state` says how far it got: building -> submitting -> submitted -> collecting -> done
+    (or cancelled). A submitter that dies between "submitting" and storing `remote_id`
+    leaves a row the next tick looks up at the provider (by `id` in the batch's metadata,
+    or by size and time where the API has no metadata) before it would send it again."""
+
+    __tablename__ = "provider_batch"
+
+    id: str = Field(primary_key=True)
+    batch_id: str = Field(index=True)
+    provider: str
+    model: str
+    api: str
+    state: str = Field(default="building", index=True)
+    jobs: int = 0
+    remote_id: str | None = None
+    input_file_id: str | None = None
+    remote_status: str = ""
+    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    note: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    submitting_at: datetime | None = None
+    submitted_at: datetime | None = None
+    ended_at: datetime | None = None
+    next_poll_at: datetime | None = None
+    # A tick working on this row holds it until then (several workers run the tick).
+    lease_until: datetime | None = None
+    cancel_requested: bool = False
 
 
 class LineError(SQLModel, table=True):
@@ -389,7 +434,8 @@ class Store:
 
     # ---- batches -------------------------------------------------------------------------
     def ensure_batch(self, batch_id: str, name: str, source: str,
-                     budget_usd: float | None = None, deadline_s: float | None = None) -> Batch:
+                     budget_usd: float | None = None, deadline_s: float | None = None,
+                     provider_batch: bool | None = None) -> Batch:
         """The batch row, created if new; a given budget replaces the batch's (raise it and
         resume to finish jobs that ended `budget_exhausted`), a given deadline (seconds from
         now) replaces its deadline."""
@@ -398,14 +444,17 @@ class Store:
             batch = s.get(Batch, batch_id)
             if batch is None:
                 batch = Batch(id=batch_id, name=name, source=source, budget_usd=budget_usd,
-                              deadline_at=deadline)
+                              deadline_at=deadline, provider_batch=provider_batch)
                 s.add(batch)
                 s.commit()
-            elif (budget_usd is not None and batch.budget_usd != budget_usd) or deadline:
+            elif ((budget_usd is not None and batch.budget_usd != budget_usd) or deadline
+                  or (provider_batch is not None and batch.provider_batch != provider_batch)):
                 if budget_usd is not None:
                     batch.budget_usd = budget_usd
                 if deadline:
                     batch.deadline_at = deadline
+                if provider_batch is not None:
+                    batch.provider_batch = provider_batch
                 s.add(batch)
                 s.commit()
             return batch
@@ -796,10 +845,11 @@ class Store:
         return won
 
     def cancel_queued(self, batch_id: str, now: datetime) -> int:
-        """Queued jobs of a batch → cancelled; their broker messages then claim nothing."""
+        """Queued jobs of a batch (and those waiting for a provider batch) → cancelled;
+        their broker messages then claim nothing."""
         with self.session() as s:
             res = s.execute(update(Job).where(col(Job.batch_id) == batch_id,
-                                              col(Job.state) == QUEUED)
+                                              col(Job.state).in_((QUEUED, BATCHED)))
                             .values(state=CANCELLED, updated_at=now, finished_at=now,
                                     error={"code": "cancelled",
                                            "message": "batch cancelled by the user"}))

@@ -95,8 +95,9 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-# store -> batch id -> (deadline, when read); weak, so a closed store's entries go with it.
-_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[float, float]]] = (
+# store -> batch id -> ((deadline, provider batch flag), when read); weak, so a closed
+# store's entries go with it.
+_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple[float, bool | None], float]]] = (
     weakref.WeakKeyDictionary())
 _cache_lock = threading.Lock()
 
@@ -104,12 +105,22 @@ _cache_lock = threading.Lock()
 def batch_deadline(store: Any, batch_id: str) -> float:
     """The batch's deadline as a Unix time: its `deadline_at`, else created + 24 h.
     Cached per store for `_CACHE_TTL_S` (read on the rare paths where a job must wait)."""
+    return _batch_facts(store, batch_id)[0]
+
+
+def provider_batch_flag(store: Any, batch_id: str) -> bool | None:
+    """The batch's `--provider-batch` choice (None: the config decides), cached likewise."""
+    return _batch_facts(store, batch_id)[1]
+
+
+def _batch_facts(store: Any, batch_id: str) -> tuple[float, bool | None]:
     mono = time.monotonic()
     with _cache_lock:
         hit = _cache.get(store, {}).get(batch_id)
     if hit is not None and mono - hit[1] < _CACHE_TTL_S:
         return hit[0]
     batch = store.get_batch(batch_id)
+    flag = getattr(batch, "provider_batch", None) if batch is not None else None
     if batch is None:
         value = time.time() + DEFAULT_DEADLINE_S
     elif getattr(batch, "deadline_at", None) is not None:
@@ -117,5 +128,5 @@ def batch_deadline(store: Any, batch_id: str) -> float:
     else:
         value = deadline_at(batch.created_at, None).timestamp()
     with _cache_lock:
-        _cache.setdefault(store, {})[batch_id] = (value, mono)
-    return value
+        _cache.setdefault(store, {})[batch_id] = ((value, flag), mono)
+    return value, flag

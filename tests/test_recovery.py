@@ -270,7 +270,8 @@ def test_cancel_then_resume_finishes_every_job_once(store: Store) -> None:
     store.claim(ids[1], 1)
     store.record_attempt(real_attempt(ids[1], 1))  # recorded, not yet moved on
     counts = cancel_batch(store, "b-test")
-    assert counts == {"cancelled_queued": 10, "cancelled_running": 2}
+    assert counts == {"cancelled_queued": 10, "cancelled_running": 2,
+                      "provider_batches_cancelling": 0}
     assert store.state_counts("b-test") == {CANCELLED: 12}
     # The in-flight call comes back: billed (its row replaces the placeholder), not applied.
     assert store.record_attempt(real_attempt(ids[0], 1, cost=0.2))

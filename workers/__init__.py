@@ -21,6 +21,7 @@ from batchroute import flower_guard, secrets
 from batchroute.breaker import RedisBreakers
 from batchroute.broker import (
     CHUNK_TASK,
+    PROVIDER_BATCH_TASK,
     SWEEP_QUEUE,
     SWEEP_TASK,
     TASK_NAME,
@@ -97,6 +98,16 @@ def sweep() -> dict[str, Any]:
 
     rt = runtime()
     return run_sweep(rt.store, config, rt.dispatcher, broker=broker_view(broker_url())).as_dict()
+
+
+@app.task(name=PROVIDER_BATCH_TASK, ignore_result=True)
+def provider_batches() -> dict[str, int]:
+    """Beat's provider-batch tick: gather, submit, poll and collect provider batches
+    (batchroute.provider_batch.runner). Safe on many workers at once: rows are leased
+    and every job move is guarded."""
+    from batchroute.provider_batch.runner import tick
+
+    return tick(runtime()).as_dict()
 
 
 @worker_ready.connect

@@ -1,7 +1,7 @@
 """HTTP calls of the provider batch APIs: submit, poll, fetch results, cancel.
 
-One small client per API with the same five methods, so a batch pipeline (not wired yet,
-issue #18) drives OpenAI's Files + Batches API and Anthropic's Message Batches API the
+One small client per API with the same methods, so the provider-batch runner
+(``runner.py``) drives OpenAI's Files + Batches API and Anthropic's Message Batches API the
 same way. Every call has a timeout and every body read is capped (results files can be
 hundreds of MB: ``max_result_bytes``), and every failure is a ``ProviderError`` with
 the same kinds as synchronous calls, so the caller's retry rules apply unchanged.
@@ -86,15 +86,25 @@ class _Http:
         return content
 
     def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        content = self.send(method, path, MAX_STATUS_BYTES, **kwargs)
-        try:
-            data = decode_json(content)
-        except MalformedReply as e:
-            raise ProviderError(ErrorKind.MALFORMED_REPLY, f"{method} {path}: {e}") from None
+        data = self._decoded(method, path, **kwargs)
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             raise ProviderError(ErrorKind.MALFORMED_REPLY,
                                 f"{method} {path}: no object with a string id")
         return data
+
+    def listing(self, path: str) -> list[dict[str, Any]]:
+        """The ``data`` of a list endpoint: only its objects that have a string id."""
+        data = self._decoded("GET", path)
+        items = data.get("data") if isinstance(data, dict) else None
+        return [d for d in (items if isinstance(items, list) else [])
+                if isinstance(d, dict) and isinstance(d.get("id"), str)]
+
+    def _decoded(self, method: str, path: str, **kwargs: Any) -> Any:
+        content = self.send(method, path, MAX_STATUS_BYTES, **kwargs)
+        try:
+            return decode_json(content)
+        except MalformedReply as e:
+            raise ProviderError(ErrorKind.MALFORMED_REPLY, f"{method} {path}: {e}") from None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -145,6 +155,11 @@ class OpenAIBatchClient:
     def cancel(self, batch_id: str) -> BatchStatus:
         return self._status(self._http.json("POST", f"/batches/{batch_id}/cancel"))
 
+    def recent(self, limit: int = 100) -> list[BatchStatus]:
+        """The most recent batches, newest first (a submitter that died before storing an
+        id looks its batch up here)."""
+        return [self._status(d) for d in self._http.listing(f"/batches?limit={limit}")]
+
     def results(self, status: BatchStatus) -> bytes:
         """Output file then error file, one JSONL (parse with ``parse_openai_results``)."""
         parts = [self._http.send("GET", f"/files/{ref}/content",
@@ -188,6 +203,11 @@ class AnthropicBatchClient:
 
     def cancel(self, batch_id: str) -> BatchStatus:
         return self._status(self._http.json("POST", f"/messages/batches/{batch_id}/cancel"))
+
+    def recent(self, limit: int = 100) -> list[BatchStatus]:
+        """The most recent batches, newest first (see OpenAIBatchClient.recent)."""
+        return [self._status(d)
+                for d in self._http.listing(f"/messages/batches?limit={limit}")]
 
     def results(self, status: BatchStatus) -> bytes:
         """The results JSONL (parse with ``parse_anthropic_results``)."""

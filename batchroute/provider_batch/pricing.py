@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from batchroute.config import ModelConfig
 
 DEFAULT_DISCOUNT = 0.5
+#: Attempt flag of a call answered through a provider batch (reports: the batch discount).
+BATCH_FLAG = "provider_batch"
 _BATCH = {"processing": "batch"}
 
 

@@ -37,7 +37,6 @@ from batchroute.sim.batches import (
     BatchRegistry,
     jsonl,
     new_id,
-    processed_limit,
     run_request,
 )
 from batchroute.sim.protocols import AnthropicProtocol, ApiError, Reply, json_reply
@@ -63,6 +62,12 @@ def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
         return _error(e.status, e.message)
     if path == "/v1/messages/batches" and method == "POST":
         return _create(registry, body, headers)
+    if path == "/v1/messages/batches" and method == "GET":
+        base = f"http://{headers.get('host', '127.0.0.1')}"
+        data = [batch_object(registry, job, base) for job in registry.listing("anthropic")]
+        return json_reply(200, {"data": data, "has_more": False,
+                                "first_id": data[0]["id"] if data else None,
+                                "last_id": data[-1]["id"] if data else None})
     m = _BATCH_PATH.match(path)
     if m is None:
         return _error(404, f"Not found: {method} {path}")
@@ -114,7 +119,7 @@ def _create(registry: BatchRegistry, body: bytes, headers: dict[str, str]) -> Re
         items.append((custom_id, params))
     job = BatchJob(api="anthropic", id=new_id("msgbatch_"), created_at=time.time(),
                    delay_s=settings.delay_s, items=items,
-                   limit=processed_limit(len(items), settings.expire_fraction))
+                   limit=registry.expiry_limit(len(items)))
     registry.start(job, lambda cid, params: _compute(registry, cid, params),
                    lambda j: _finish(registry, j))
     return json_reply(200, batch_object(registry, job,

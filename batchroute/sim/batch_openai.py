@@ -41,7 +41,6 @@ from batchroute.sim.batches import (
     jsonl,
     new_id,
     parse_multipart,
-    processed_limit,
     run_request,
 )
 from batchroute.sim.protocols import ApiError, OpenAIProtocol, Reply, json_reply
@@ -68,6 +67,11 @@ def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
         return _upload(registry, body, headers)
     if path == "/v1/batches" and method == "POST":
         return _create(registry, body)
+    if path == "/v1/batches" and method == "GET":
+        data = [batch_object(registry, job) for job in registry.listing("openai")]
+        return json_reply(200, {"object": "list", "data": data, "has_more": False,
+                                "first_id": data[0]["id"] if data else None,
+                                "last_id": data[-1]["id"] if data else None})
     if m := _FILE_PATH.match(path):
         stored = registry.get_file(m.group(1))
         if stored is None or method != "GET":
@@ -138,7 +142,7 @@ def _create(registry: BatchRegistry, body: bytes) -> Reply:
     items, errors = _validate(stored.content, settings.openai_max_requests)
     job = BatchJob(api="openai", id=new_id("batch_"), created_at=time.time(),
                    delay_s=settings.delay_s, items=items,
-                   limit=processed_limit(len(items), settings.expire_fraction),
+                   limit=registry.expiry_limit(len(items)),
                    input_file_id=stored.id, metadata=data.get("metadata"), errors=errors)
     registry.start(job, lambda cid, payload: _compute(registry, cid, payload),
                    lambda j: _finish(registry, j))

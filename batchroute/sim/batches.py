@@ -87,6 +87,7 @@ class BatchRegistry:
         self.lock = threading.Lock()
         self.files: dict[str, StoredFile] = {}
         self.jobs: dict[str, BatchJob] = {}
+        self.created = 0
 
     def add_file(self, filename: str, purpose: str, content: bytes) -> StoredFile:
         stored = StoredFile(f"file-{uuid.uuid4().hex[:24]}", filename, purpose, content,
@@ -98,6 +99,24 @@ class BatchRegistry:
     def get_file(self, file_id: str) -> StoredFile | None:
         with self.lock:
             return self.files.get(file_id)
+
+    def expiry_limit(self, count: int) -> int:
+        """How many of a new job's ``count`` requests get processed before it expires:
+        ``expire_fraction`` applies to every job, or only to the first ``expire_batches``
+        jobs created (so a test can expire exactly one provider batch)."""
+        settings = self.engine.config.batch
+        with self.lock:
+            self.created += 1
+            nth = self.created
+        if settings.expire_batches is not None and nth > settings.expire_batches:
+            return count
+        return processed_limit(count, settings.expire_fraction)
+
+    def listing(self, api: str, limit: int = 100) -> list[BatchJob]:
+        """The API's jobs, newest first (the list endpoints)."""
+        with self.lock:
+            jobs = [j for j in self.jobs.values() if j.api == api]
+        return sorted(jobs, key=lambda j: j.created_at, reverse=True)[:limit]
 
     def get_job(self, api: str, job_id: str) -> BatchJob | None:
         with self.lock:

@@ -108,6 +108,8 @@ class SimBatch:
 
     delay_s: float = 1.0
     expire_fraction: float | None = None
+    # Only the first this many batches created expire (None: every batch).
+    expire_batches: int | None = None
     openai_max_requests: int = 50_000
     openai_max_bytes: int = 200 * 1024 * 1024
     anthropic_max_requests: int = 100_000
@@ -122,6 +124,8 @@ class SimBatch:
             kwargs["delay_s"] = _non_negative(d["delay_s"], f"{where}.delay_s")
         if d.get("expire_fraction") is not None:
             kwargs["expire_fraction"] = _rate(d["expire_fraction"], f"{where}.expire_fraction")
+        if d.get("expire_batches") is not None:
+            kwargs["expire_batches"] = _limit(d["expire_batches"], f"{where}.expire_batches")
         for name in ("openai_max_requests", "openai_max_bytes", "anthropic_max_requests",
                      "anthropic_max_bytes"):
             if name in d:

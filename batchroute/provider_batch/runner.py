@@ -1,0 +1,421 @@
+"""The provider-batch tick: gather waiting jobs, submit, poll, collect, send on.
+
+One call of `tick` does every step that is due and returns; beat runs it in the Celery
+deployment (`workers.provider_batches`), the embedded runner runs it from its wait loop.
+Every step can be killed at any point and run again, by this process or another:
+
+* **gather**: jobs parked in state ``batched`` (`pipeline._to_provider_batch`) become a
+  `ProviderBatch` row, and point at it, in one transaction, before anything is uploaded.
+* **submit**: the row says ``submitting`` before the first byte goes out. A submitter
+  that dies before it stores the provider's id leaves that state behind; after
+  `submit_timeout_s` the next tick looks the batch up at the provider (OpenAI: by the
+  row id in the batch's metadata; Anthropic, which has no metadata: a batch of the same
+  size created since, whose id no row has) and adopts it, or submits again if the
+  provider has none. So a crash never sends one provider batch twice.
+* **poll**: a submitted row is polled every `poll_s` (never by a blocked worker). At the
+  batch's deadline a provider batch still running is cancelled: waiting stops there.
+* **collect**: once ended, each answered job is claimed (``batched`` -> ``running``) and
+  goes through `pipeline.conclude` exactly like a synchronous answer: recorded at the
+  batch price, validated, escalated or retried by the same policy. A request the provider
+  did not answer (expired, cancelled, missing) goes into the next provider batch or,
+  past `max_expiries` or the deadline, synchronously, with the reason logged. A job a
+  user cancelled whose request was answered anyway gets its Attempt recorded (the
+  provider bills it) with the answer discarded.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from batchroute import billing, secrets, waiting
+from batchroute import store_provider_batch as spb
+from batchroute.budget import Hold
+from batchroute.completion import Completion
+from batchroute.config import ModelConfig, ProviderConfig
+from batchroute.provider_batch import formats
+from batchroute.provider_batch.client import (
+    AnthropicBatchClient,
+    BatchClient,
+    BatchStatus,
+    OpenAIBatchClient,
+    parse,
+)
+from batchroute.provider_batch.plan import SYNC, Limits, after_unanswered, ready_groups
+from batchroute.provider_batch.pricing import BATCH_FLAG, batch_cost
+from batchroute.providers.base import ErrorKind, ProviderError
+from batchroute.runtime import Runtime
+from batchroute.store import BATCHED, CANCELLED, QUEUED, Attempt, Job, ProviderBatch, utcnow
+
+log = structlog.get_logger("batchroute.provider_batch")
+
+#: Attempt outcome of an answer the provider billed for a job cancelled meanwhile.
+DISCARDED = "discarded"
+
+
+@dataclass
+class TickReport:
+    gathered: int = 0  # provider batches formed
+    submitted: int = 0
+    adopted: int = 0  # found at the provider after a submitter died
+    polled: int = 0
+    collected: int = 0  # provider batches whose results were recorded
+    answered: int = 0  # jobs moved on by a result
+    resent: int = 0  # jobs sent on unanswered (next provider batch or synchronous)
+    cancelled: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def tick(rt: Runtime) -> TickReport:
+    """Every provider-batch step that is due now (see the module docstring)."""
+    report = TickReport()
+    _gather(rt, report)
+    now = utcnow()
+    for pb in spb.due(rt.store, now):
+        if not spb.lease(rt.store, pb, now, rt.config.provider_batch.lease_s):
+            continue  # another tick has it
+        plog = log.bind(batch_id=pb.batch_id, provider_batch=pb.id, provider=pb.provider)
+        try:
+            _step(rt, pb, report, plog)
+        except ProviderError as e:  # the batch API is unwell: wait for the next poll
+            plog.warning("provider_batch_api_error", kind=e.kind.value, error=e.message[:300])
+            spb.set_fields(rt.store, pb.id, note=f"{e.kind.value}: {e.message[:300]}",
+                           next_poll_at=utcnow() + timedelta(
+                               seconds=rt.config.provider_batch.poll_s))
+            if time.time() >= waiting.batch_deadline(rt.store, pb.batch_id):
+                # Past the deadline with the batch API unreachable: waiting stops; the
+                # jobs run synchronously (if the provider batch still answers, those
+                # answers are not collected: the provider may bill them).
+                _send_all_sync(rt, pb, f"batch API unreachable at the deadline: {e.message}")
+                spb.set_fields(rt.store, pb.id, state="abandoned", ended_at=utcnow())
+        finally:
+            spb.set_fields(rt.store, pb.id, lease_until=None)
+    return report
+
+
+def pending(rt: Runtime, batch_id: str) -> bool:
+    """Whether a batch still has jobs waiting for or inside a provider batch."""
+    return spb.batched_count(rt.store, batch_id) > 0
+
+
+def cancel(rt: Runtime, batch_id: str) -> int:
+    """Ask for the batch's open provider batches to be cancelled (the next tick calls the
+    APIs); its waiting jobs are cancelled by `recovery.cancel_batch` with the others."""
+    return spb.request_cancel(rt.store, batch_id)
+
+
+# ---- gather ------------------------------------------------------------------------------
+def _gather(rt: Runtime, report: TickReport) -> None:
+    jobs = spb.waiting(rt.store)
+    if not jobs:
+        return
+    cfg = rt.config.provider_batch
+    busy = spb.busy_batches(rt.store, sorted({j.batch_id for j in jobs}))
+    limits = {name: Limits.of(p.kind, cfg.max_requests, cfg.max_tokens)
+              for name, p in rt.config.providers.items()}
+    for group in ready_groups(jobs, utcnow(), cfg.gather_s, busy, limits):
+        first = group[0]
+        row = ProviderBatch(id=f"pb_{uuid.uuid4().hex[:24]}", batch_id=first.batch_id,
+                            provider=first.provider, model=first.model,
+                            api=rt.config.providers[first.provider].kind, jobs=len(group))
+        taken = spb.create(rt.store, row, group)  # type: ignore[arg-type]
+        if taken:
+            report.gathered += 1
+            log.info("provider_batch_gathered", batch_id=row.batch_id, provider_batch=row.id,
+                     provider=row.provider, model=row.model, jobs=taken)
+
+
+# ---- one provider batch ------------------------------------------------------------------
+def _step(rt: Runtime, pb: ProviderBatch, report: TickReport, plog: Any) -> None:
+    provider = rt.config.providers.get(pb.provider)
+    model = rt.config.models.get(pb.model)
+    if provider is None or model is None:
+        plog.error("provider_batch_config_gone", model=pb.model)
+        _send_all_sync(rt, pb, f"model {pb.model!r} is no longer in the routing config")
+        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow())
+        return
+    client = _client(rt, provider)
+    if pb.state == "building":
+        if pb.cancel_requested:
+            spb.set_fields(rt.store, pb.id, state="cancelled", ended_at=utcnow())
+            report.cancelled += 1
+            return
+        _submit(rt, pb, provider, model, client, report, plog)
+    elif pb.state == "submitting":
+        _recover_submission(rt, pb, client, report, plog)
+    elif pb.state == "submitted":
+        _poll(rt, pb, client, model, report, plog)
+    elif pb.state == "collecting":
+        assert pb.remote_id is not None
+        _collect(rt, pb, client.poll(pb.remote_id), client, model, report, plog)
+
+
+def _client(rt: Runtime, provider: ProviderConfig) -> BatchClient:
+    key = secrets.api_key(provider.api_key_env)
+    base = rt.base_url(provider)
+    if provider.kind == "anthropic":
+        return AnthropicBatchClient(rt.client, base, key, timeout_s=provider.timeout_s)
+    return OpenAIBatchClient(rt.client, base, key, timeout_s=provider.timeout_s)
+
+
+def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: ModelConfig,
+            client: BatchClient, report: TickReport, plog: Any) -> None:
+    from batchroute.pipeline import request_for
+
+    jobs = spb.jobs_of(rt.store, pb.id)
+    if not jobs:  # all cancelled or moved on meanwhile
+        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(), jobs=0)
+        return
+    requests = [(formats.custom_id_for(j.id), model.api_model, request_for(rt, j, model)[1])
+                for j in jobs]
+    try:
+        groups = formats.split_requests(provider.kind, requests)
+    except formats.BatchTooLarge as e:  # one request alone is over the API's byte limit
+        plog.warning("provider_batch_request_too_large", error=str(e))
+        _send_all_sync(rt, pb, f"too large for a provider batch: {e}")
+        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow())
+        return
+    keep = {cid for cid, _, _ in groups[0]}
+    overflow = [j.id for j in jobs if formats.custom_id_for(j.id) not in keep]
+    if overflow:  # over the byte limit: the rest wait for the next provider batch
+        spb.release(rt.store, pb.id, overflow)
+    # Stored before anything goes out: from here a crash is recovered by lookup.
+    spb.set_fields(rt.store, pb.id, state="submitting", submitting_at=utcnow(),
+                   jobs=len(keep))
+    try:
+        if isinstance(client, OpenAIBatchClient):
+            file_id = client.upload(formats.openai_input_file(groups[0]), f"{pb.id}.jsonl")
+            spb.set_fields(rt.store, pb.id, input_file_id=file_id)
+            remote = client.create(file_id, metadata={"batchroute_id": pb.id,
+                                                      "batch_id": pb.batch_id[:500]})
+        else:
+            remote = client.submit(formats.anthropic_create_body(groups[0]))
+    except ProviderError as e:
+        if e.kind in (ErrorKind.INVALID_REQUEST, ErrorKind.AUTH):
+            # Refused outright (nothing was created): the calls go out synchronously.
+            plog.warning("provider_batch_refused", kind=e.kind.value, error=e.message[:300])
+            _send_all_sync(rt, pb, f"the provider refused the batch: {e.message[:200]}")
+            spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
+                           note=e.message[:300])
+            return
+        raise  # may or may not exist at the provider: the lookup decides, later
+    now = utcnow()
+    spb.set_fields(rt.store, pb.id, state="submitted", remote_id=remote, submitted_at=now,
+                   next_poll_at=now + timedelta(seconds=rt.config.provider_batch.poll_s))
+    report.submitted += 1
+    plog.info("provider_batch_submitted", remote_id=remote, jobs=len(keep),
+              model=model.name)
+
+
+def _recover_submission(rt: Runtime, pb: ProviderBatch, client: BatchClient,
+                        report: TickReport, plog: Any) -> None:
+    """A row left in "submitting": adopt the provider's batch if it exists, else resend."""
+    started = pb.submitting_at or pb.created_at
+    if utcnow() - _aware(started) < timedelta(seconds=rt.config.provider_batch.submit_timeout_s):
+        return  # its submitter may still be at it
+    known = spb.remote_ids(rt.store, pb.provider)
+    found = _find_remote(client, pb, _aware(started), known)
+    now = utcnow()
+    if found is not None:
+        spb.set_fields(rt.store, pb.id, state="submitted", remote_id=found, submitted_at=now,
+                       next_poll_at=now)
+        report.adopted += 1
+        plog.warning("provider_batch_adopted", remote_id=found)
+    else:
+        spb.set_fields(rt.store, pb.id, state="building", input_file_id=None)
+        plog.warning("provider_batch_resubmitting", reason="not found at the provider")
+
+
+def _find_remote(client: BatchClient, pb: ProviderBatch, since: datetime,
+                 known: set[str]) -> str | None:
+    for status in client.recent():
+        if status.id in known:
+            continue
+        meta = status.raw.get("metadata")
+        if isinstance(meta, dict) and meta.get("batchroute_id") == pb.id:
+            return status.id
+        if client.api == "anthropic":
+            created = _parse_time(status.raw.get("created_at"))
+            total = sum(status.counts.values())
+            if created is not None and created >= since - timedelta(seconds=60) \
+                    and total == pb.jobs:
+                return status.id
+    return None
+
+
+def _poll(rt: Runtime, pb: ProviderBatch, client: BatchClient, model: ModelConfig,
+          report: TickReport, plog: Any) -> None:
+    assert pb.remote_id is not None
+    deadline = waiting.batch_deadline(rt.store, pb.batch_id)
+    status = client.poll(pb.remote_id)
+    report.polled += 1
+    if not status.ended and (pb.cancel_requested or time.time() >= deadline):
+        reason = "cancelled by the user" if pb.cancel_requested else "batch deadline reached"
+        if pb.remote_status not in ("cancelling", "canceling"):
+            status = client.cancel(pb.remote_id)
+            plog.info("provider_batch_cancel_sent", reason=reason)
+        spb.set_fields(rt.store, pb.id, note=reason)
+    now = utcnow()
+    spb.set_fields(rt.store, pb.id, remote_status=status.status, counts=status.counts,
+                   next_poll_at=now + timedelta(seconds=rt.config.provider_batch.poll_s))
+    if status.ended:
+        spb.set_fields(rt.store, pb.id, state="collecting")
+        _collect(rt, pb, status, client, model, report, plog)
+
+
+def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchClient,
+             model: ModelConfig, report: TickReport, plog: Any) -> None:
+    """Record every answer and send every unanswered job on; idempotent (a job moves only
+    from ``batched`` in this provider batch, an Attempt only once per attempt number)."""
+    from batchroute.pipeline import Writes
+
+    content = client.results(status) if status.result_refs else b""
+    everyone = spb.jobs_of(rt.store, pb.id, any_state=True)
+    by_cid = {formats.custom_id_for(j.id): j for j in everyone}
+    parsed = parse(client, content, list(by_cid))
+    if parsed.problems:
+        plog.warning("provider_batch_result_problems", problems=parsed.problems[:10],
+                     count=len(parsed.problems))
+    claimed = spb.claim(rt.store, pb.id, [(j.id, j.attempt_no) for j in everyone
+                                          if j.state == BATCHED])
+    taken = {j.id for j in claimed}
+    took_s = (utcnow() - _aware(pb.submitted_at or pb.created_at)).total_seconds()
+    writes = Writes(rt, defer=True)
+    failed_batch = status.status == "failed"
+    try:
+        for job in claimed:
+            item = parsed.items.get(formats.custom_id_for(job.id))
+            if item is not None and item.state in ("succeeded", "errored"):
+                _record(rt, job, model, item.completion, item.error, took_s, writes)
+                report.answered += 1
+            else:
+                why = item.state if item is not None else (
+                    "failed" if failed_batch else "missing from the results")
+                _send_on(rt, job, pb, why, force_sync=failed_batch, plog=plog)
+                report.resent += 1
+    finally:
+        writes.flush()
+    for job in everyone:  # cancelled by the user meanwhile, answered (and billed) anyway
+        item = parsed.items.get(formats.custom_id_for(job.id))
+        # Still holding its budget reservation: not yet recorded (a rerun skips it).
+        if (job.id not in taken and job.state == CANCELLED and "budget_hold" in job.options
+                and item is not None and item.completion is not None):
+            _record_discarded(rt, job, model, item.completion)
+    spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
+                   remote_status=status.status, counts=status.counts)
+    report.collected += 1
+    plog.info("provider_batch_collected", remote_id=pb.remote_id, status=status.status,
+              answered=sum(1 for j in claimed if j.id in parsed.items), jobs=len(everyone))
+
+
+def _hold_of(job: Job) -> Hold:
+    parts = job.options.get("budget_hold") or []
+    return Hold(tuple((str(k), float(limit), float(amount)) for k, limit, amount in parts))
+
+
+def _without_hold(job: Job) -> Job:
+    """The job without its reservation note (a new object: rows are built with
+    model_construct, which cannot be changed by setattr)."""
+    options = {k: v for k, v in job.options.items() if k != "budget_hold"}
+    return Job.model_construct(**(job.model_dump() | {"options": options}))
+
+
+def _record(rt: Runtime, job: Job, model: ModelConfig, completion: Completion | None,
+            error: ProviderError | None, took_s: float, writes: Any) -> None:
+    """One answered request: billed at the batch price, then the synchronous path's end."""
+    from batchroute.pipeline import conclude, request_for
+
+    specs, _body = request_for(rt, job, model)
+    charge: billing.Bill | None = None
+    if completion is not None:
+        charge = _charge(rt, job, model, completion)
+        completion = replace(completion, usage=charge.usage, latency_s=took_s)
+    rt.budget.settle(_hold_of(job), charge.cost_usd if charge is not None else 0.0)
+    jlog = log.bind(batch_id=job.batch_id, job_id=job.id, custom_id=job.custom_id,
+                    attempt=job.attempt_no, tier=job.tier, model=model.name)
+    conclude(rt, _without_hold(job), model, specs, completion, error, charge, writes, jlog)
+
+
+def _charge(rt: Runtime, job: Job, model: ModelConfig, completion: Completion) -> billing.Bill:
+    """The reply's usage checked as for a synchronous call (believable, else recounted;
+    cost bounded by the reservation), priced at the batch price."""
+    from batchroute.pipeline import _max_cost, _max_out, request_for
+
+    body = request_for(rt, job, model)[1]
+    bill = billing.bill(model, completion, job.prompt_tokens_est, _max_out(body),
+                        _max_cost(job, body, model))
+    cost = batch_cost(model, bill.usage, rt.config.provider_of(model).batch_discount)
+    return billing.Bill(bill.usage, cost, (*bill.flags, BATCH_FLAG))
+
+
+def _send_on(rt: Runtime, job: Job, pb: ProviderBatch, why: str, force_sync: bool,
+             plog: Any) -> None:
+    """A request the provider batch did not answer (nothing billed): next provider batch
+    or synchronous (`plan.after_unanswered`)."""
+    expiries = int(job.options.get("batch_expiries", 0)) + 1
+    deadline = waiting.batch_deadline(rt.store, job.batch_id)
+    where = SYNC if force_sync else after_unanswered(
+        expiries - 1, rt.config.provider_batch.max_expiries, time.time(), deadline)
+    options = dict(job.options) | {"batch_expiries": expiries}
+    if where == SYNC:
+        rt.budget.settle(_hold_of(job), 0.0)
+        options = {k: v for k, v in options.items() if k != "budget_hold"} | {"sync": True}
+        if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options,
+                               provider_batch_id=None):
+            rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[job.provider].queue)
+    else:
+        rt.store.transition(job.id, job.attempt_no, state=BATCHED, options=options,
+                            provider_batch_id=None)
+    plog.info("provider_batch_request_unanswered", job_id=job.id, reason=why,
+              sent_to="synchronous" if where == SYNC else "next provider batch")
+
+
+def _send_all_sync(rt: Runtime, pb: ProviderBatch, why: str) -> None:
+    jobs = spb.claim(rt.store, pb.id, [(j.id, j.attempt_no) for j in spb.jobs_of(rt.store, pb.id)])
+    for job in jobs:
+        _send_on(rt, job, pb, why, force_sync=True, plog=log.bind(provider_batch=pb.id))
+
+
+def _record_discarded(rt: Runtime, job: Job, model: ModelConfig,
+                      completion: Completion) -> None:
+    """The Attempt of an answer billed for a job cancelled meanwhile; the job moves to
+    the next attempt number, so a `resume` never collides with this row."""
+    charge = _charge(rt, job, model, completion)
+    rt.budget.settle(_hold_of(job), charge.cost_usd)
+    recorded = rt.store.record_attempt(Attempt(
+        job_id=job.id, batch_id=job.batch_id, attempt_no=job.attempt_no, task=job.task,
+        tier=model.tier, provider=model.provider, model=model.name,
+        prompt_tokens=charge.usage.prompt_tokens,
+        completion_tokens=charge.usage.completion_tokens,
+        cost_usd=charge.cost_usd, outcome=DISCARDED, flags=charge.flags_text,
+        reason="job cancelled while its provider batch ran; the provider answered (and "
+               "billed) it anyway, the answer is discarded"))
+    if recorded:
+        spb.next_attempt_if_cancelled(rt.store, job.id, job.attempt_no,
+                                      _without_hold(job).options)
+
+
+def _aware(t: datetime) -> datetime:
+    from datetime import UTC
+
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        from datetime import UTC
+
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
