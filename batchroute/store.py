@@ -571,9 +571,11 @@ class Store:
         A "lost" placeholder (the sweeper gave the run up for dead) is overwritten: the run
         was alive after all, and its call is what the provider billed.
         """
+        # RETURNING, not rowcount: psycopg2 reports -1 for this upsert (it said False on
+        # PostgreSQL for every insert).
+        stmt = _record_stmt(self.engine.dialect.name).returning(_ATTEMPTS.c.id)
         with self._single.begin() as conn:
-            res = conn.execute(_record_stmt(self.engine.dialect.name), _attempt_params(attempt))
-            return bool(res.rowcount == 1)
+            return conn.execute(stmt, _attempt_params(attempt)).first() is not None
 
     def attempt_count(self, job_id: str, attempt_no: int | None = None) -> int:
         with self.session() as s:
