@@ -40,6 +40,9 @@ from batchroute.sim import SimConfig, SimServer
 from batchroute.store import BATCHED, FINISHED, ProviderBatch, Store, get_engine, utcnow
 
 from .conftest import wait_for
+from .dedicated_redis import own_broker
+
+__all__ = ["own_broker"]  # the fixture, imported for use here
 
 
 # ---- the pure rules ------------------------------------------------------------------------
@@ -411,3 +414,93 @@ def test_nothing_waits_in_batched_state_without_a_provider_batch_for_long(
     finally:
         rt.dispatcher.close()  # type: ignore[attr-defined]
         rt.close()
+
+
+# ---- Celery workers and beat, SIGKILLed with provider batches in flight --------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for these configs (tables of scalars, lists and inline tables)."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = [f"[{prefix}]\n" + "\n".join(scalars) + "\n"] if prefix and scalars else (
+        ["\n".join(scalars) + "\n"] if scalars else [])
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(out)
+
+
+@pytest.mark.integration
+def test_sigkilled_worker_and_beat_lose_nothing_in_flight(
+        sim: Any, start_worker: Any, own_broker: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    from .test_reliability import check_exactly_once, submit
+
+    n = 300
+    s = sim(delay_s=2.0, expire_fraction=0.5, expire_batches=1)
+    s.data["provider_batch"].update(max_requests=100, lease_s=2.0, poll_s=0.3)
+    cfg = tmp_path / "batch.toml"
+    cfg.write_text(to_toml(s.data))
+    monkeypatch.setenv("BATCHROUTE_CONFIG", str(cfg))
+    env = {"BATCHROUTE_CONFIG": str(cfg), "BATCHROUTE_BROKER_URL": own_broker.url,
+           "BATCHROUTE_LEASE_S": "3", "BATCHROUTE_TASK_TIME_LIMIT_S": "2",
+           "BATCHROUTE_STALE_QUEUED_S": "3", "BATCHROUTE_SWEEP_INTERVAL_S": "1",
+           "BATCHROUTE_PROVIDER_BATCH_TICK_S": "0.5", "BATCHROUTE_TASK_EVENTS": "0"}
+    for key, value in env.items():  # `submit` below runs in this process
+        monkeypatch.setenv(key, value)
+    batch_id, jobs = submit(make_batch(tmp_path / "b.jsonl", n))
+    store = Store()
+
+    def beat() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "beat", "-l", "WARNING",
+             "-s", str(tmp_path / f"beat-{time.monotonic_ns()}")],
+            cwd=ROOT, env={**os.environ, **env}, stdout=(tmp_path / "beat.log").open("ab"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    worker = start_worker(concurrency=8, **env)
+    beats = [beat()]
+    try:
+        # Provider batches submitted and not yet ended: kill everything.
+        wait_for(lambda: sum(pb.state == "submitted" for pb in spb.of_batch(store, batch_id))
+                 >= 2, 60, f"provider batches in flight; log:\n{worker.log()[-2000:]}")
+        worker.kill()
+        os.killpg(beats[0].pid, signal.SIGKILL)
+        in_flight = [pb.id for pb in spb.of_batch(store, batch_id) if pb.state == "submitted"]
+        time.sleep(3.0)  # the provider finishes them meanwhile
+        worker = start_worker(concurrency=8, **env)
+        beats.append(beat())
+        wait_for(lambda: sum(store.state_counts(batch_id).get(x, 0) for x in FINISHED) >= n,
+                 120, f"the batch to finish: {store.state_counts(batch_id)}; "
+                      f"log:\n{worker.log()[-3000:]}", interval=0.5)
+    finally:
+        for b in beats:
+            if b.poll() is None:
+                os.killpg(b.pid, signal.SIGTERM)
+                b.wait(timeout=15)
+    check_exactly_once(store, batch_id, jobs, tmp_path)
+    pbs = {pb.id: pb for pb in spb.of_batch(store, batch_id)}
+    assert all(pbs[i].state == "done" for i in in_flight)  # collected after the restart
+    assert Counter(pb.remote_status for pb in pbs.values())["expired"] == 1
+    # Each provider batch was sent once: as many at the provider as rows that got an id.
+    assert len(s.batches("openai")) == sum(1 for pb in pbs.values() if pb.remote_id)
+    assert all(BATCH_FLAG in (a.flags or "") for a in store.attempts(batch_id)
+               if a.outcome != "lost")
