@@ -43,11 +43,16 @@ FIRST_WAIT_S = 0.2
 MAX_WAIT_S = 5.0
 
 
-def wait_delay(waits: int) -> float:
+#: The longest wait of a duplicate whose leader may be in a provider batch (answered in
+#: minutes to hours): it looks again at most every 10 minutes, not every few seconds.
+MAX_BATCH_WAIT_S = 600.0
+
+
+def wait_delay(waits: int, cap_s: float = MAX_WAIT_S) -> float:
     """How long a duplicate waits before it looks at its leader again: 0.2 s, growing by
-    half each time, at most MAX_WAIT_S (calls last about a second; a leader that escalates
-    through three tiers, a few)."""
-    return min(MAX_WAIT_S, FIRST_WAIT_S * 1.5 ** max(0, waits))
+    half each time, at most `cap_s` (MAX_WAIT_S: calls last about a second; a leader that
+    escalates through three tiers, a few; MAX_BATCH_WAIT_S behind a provider batch)."""
+    return min(cap_s, FIRST_WAIT_S * 1.5 ** max(0, waits))
 
 
 def try_reuse(rt: Runtime, job: Job, writes: Any) -> str | None:
@@ -108,7 +113,11 @@ def _wait(rt: Runtime, job: Job, leader: str) -> str:
     waits = int(job.options.get("reuse_waits", 0))
     options = dict(job.options) | {"reuse_waits": waits + 1}
     if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options):
+        model = rt.config.models.get(job.model)
+        # Behind a provider batch the leader's answer takes minutes to hours: look less often.
+        cap = (MAX_BATCH_WAIT_S if model is not None and rt.config.uses_batch_api(model)
+               else MAX_WAIT_S)
         rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[job.provider].queue,
-                              wait_delay(waits))
+                              wait_delay(waits, cap))
     log.debug("reuse_wait", batch_id=job.batch_id, job_id=job.id, leader=leader, waits=waits)
     return "reuse_wait"

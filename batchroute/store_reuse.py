@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func
 from sqlalchemy import select as sa_select
 
-from batchroute.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
+from batchroute.store import BATCHED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -35,7 +35,8 @@ def _peers_stmt() -> Any:
     in_batch = t.c.batch_id == bindparam("k_batch")
     source = (sa_select(t.c.id).where(k, t.c.state == SUCCEEDED, t.c.id != bindparam("k_id"))
               .limit(1).scalar_subquery())
-    leader = (sa_select(func.min(t.c.id)).where(k, t.c.state.in_((QUEUED, RUNNING)), in_batch)
+    leader = (sa_select(func.min(t.c.id)).where(k, t.c.state.in_((QUEUED, RUNNING, BATCHED)),
+                                                in_batch)
               .scalar_subquery())
     failed = exists().where(k, t.c.state == FAILED, in_batch)
     return sa_select(source.label("source"), leader.label("leader"), failed.label("failed"))

@@ -504,3 +504,21 @@ def test_sigkilled_worker_and_beat_lose_nothing_in_flight(
     assert len(s.batches("openai")) == sum(1 for pb in pbs.values() if pb.remote_id)
     assert all(BATCH_FLAG in (a.flags or "") for a in store.attempts(batch_id)
                if a.outcome != "lost")
+
+
+@pytest.mark.integration
+def test_identical_requests_in_batch_mode_are_paid_once(sim: Any, tmp_path: Path) -> None:
+    s = sim()
+    src = tmp_path / "dupes.jsonl"
+    line = {"method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "auto", "max_tokens": 5, "temperature": 0, "messages": [
+                {"role": "user", "content": "Is a refund a complaint? Answer yes or no."}]}}
+    src.write_text("".join(json.dumps({**line, "custom_id": f"job-{i:05d}"}) + "\n"
+                           for i in range(8)))
+    store = Store()
+    res = run_file(src, tmp_path / "out.jsonl", config=s.config, store=store)
+    exactly_once(store, res.ingest.batch_id, 8, tmp_path / "out.jsonl")
+    sent = sum(len(b.items) for b in s.batches("openai"))
+    paid = [a for a in store.attempts(res.ingest.batch_id) if a.cost_usd > 0]
+    assert sent == len(paid) and len({a.job_id for a in paid}) == 1  # one job paid
+    assert res.report["reuse"]["hits"] == 7

@@ -26,8 +26,8 @@ class ProviderBatchConfig:
     poll_s: float = 60.0
     # At most this many requests per provider batch (None: the API's own limit).
     max_requests: int | None = None
-    # At most this many tokens (prompt estimate + max_tokens) per provider batch: the
-    # providers' "enqueued tokens" limits (None: no limit of ours).
+    # At most this many prompt tokens (the ingest's estimate) per provider batch, to stay
+    # under a provider's "enqueued tokens" limit (None: no limit of ours).
     max_tokens: int | None = None
     # A provider batch whose create call was sent but whose id was never stored (the
     # submitter died) is looked up at the provider after this long, then sent again only
