@@ -127,4 +127,21 @@ def status_data(store: Store, batch: Batch) -> dict[str, Any]:
             "done": sum(counts.get(s, 0) for s in FINISHED),
             "bad_lines": [{"line": e.line_no, "custom_id": e.custom_id, "reason": e.reason}
                           for e in store.line_errors(batch.id, limit=100)],
-            "bad_line_count": store.count_line_errors(batch.id)}
+            "bad_line_count": store.count_line_errors(batch.id),
+            "provider_batches": provider_batches(store, batch.id)}
+
+
+def provider_batches(store: Store, batch_id: str) -> dict[str, Any]:
+    """The batch's provider batches: how many in each state, and the open ones (what the
+    provider says of each, so a user waiting on one sees it is being worked on)."""
+    from batchroute import store_provider_batch as spb
+
+    pbs = spb.of_batch(store, batch_id)
+    by_state: dict[str, int] = {}
+    for pb in pbs:
+        by_state[pb.state] = by_state.get(pb.state, 0) + 1
+    return {"count": len(pbs), "by_state": by_state, "open": [
+        {"id": pb.id, "provider": pb.provider, "model": pb.model, "state": pb.state,
+         "remote_id": pb.remote_id, "remote_status": pb.remote_status, "jobs": pb.jobs,
+         "counts": pb.counts, "note": pb.note}
+        for pb in pbs if pb.state in spb.OPEN][:50]}

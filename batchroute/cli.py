@@ -19,6 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchroute.cli_errors import FriendlyGroup
+from batchroute.cli_options import (
+    deadline_option,
+    provider_batch_option,
+    reuse_mode,
+    reuse_option,
+)
 from batchroute.cli_outcome import (
     FAILED_EXIT,
     exit_code,
@@ -28,7 +34,14 @@ from batchroute.cli_outcome import (
 )
 from batchroute.cli_recovery import cancel, recover, resume
 from batchroute.cli_recovery import find_batch_or_fail as _batch
-from batchroute.cli_tables import console, out, show_pools, show_problems, show_report
+from batchroute.cli_tables import (
+    console,
+    out,
+    show_pools,
+    show_problems,
+    show_provider_batches,
+    show_report,
+)
 from batchroute.config import Config, ConfigError, load_config
 from batchroute.logs import configure_logging
 from batchroute.metrics import metrics
@@ -55,42 +68,6 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
                     transient=False)
-
-
-def _deadline_option(f: Any) -> Any:
-    """--deadline, the same on `run` and `submit`."""
-    return click.option(
-        "--deadline", "deadline", default="24h", show_default=True,
-        callback=lambda _c, _p, v: _duration(v),
-        help="How long jobs may wait out provider outages (e.g. 24h, 90m) before "
-             "failing; transient errors never fail a job before it.")(f)
-
-
-def _reuse_option(f: Any) -> Any:
-    """--reuse / --no-reuse (batchroute.reuse), the same on `run` and `submit`."""
-    return click.option(
-        "--reuse/--no-reuse", "reuse", default=None,
-        help="Answer reuse: identical requests (same model, normalised messages, parameters, "
-             "checks and config models) are answered once, within the batch and from earlier "
-             "batches in the store, at $0. Default: only deterministic requests "
-             "(temperature 0; an absent temperature is 1, not deterministic). --reuse: "
-             "every request, temperature or not; --no-reuse: none. Applies to the jobs this "
-             "command stores (a file stored before keeps its jobs' setting).")(f)
-
-
-def _provider_batch_option(f: Any) -> Any:
-    """--provider-batch / --no-provider-batch, the same on `run` and `submit`."""
-    return click.option(
-        "--provider-batch/--no-provider-batch", "provider_batch", default=None,
-        help="Provider batch APIs (OpenAI Batch, Anthropic Message Batches: about half "
-             "price, answers within hours): pools marked `batch = true` in the routing "
-             "config use them by default; --no-provider-batch sends this batch's calls "
-             "synchronously. At --deadline, provider batches still running are cancelled "
-             "and what is left runs synchronously.")(f)
-
-
-def _reuse_mode(reuse: bool | None) -> str | None:
-    return None if reuse is None else "on" if reuse else "off"
 
 
 def _print_json(data: Any) -> None:
@@ -147,9 +124,9 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool, debug: bool
 @click.option("--fail-on-failed", is_flag=True,
               help=f"Exit with code {FAILED_EXIT} when any job failed (a warning is printed "
                    "either way).")
-@_deadline_option
-@_reuse_option
-@_provider_batch_option
+@deadline_option
+@reuse_option
+@provider_batch_option
 @click.pass_obj
 def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Path | None,
         concurrency: int, as_json: bool, strict: bool, budget_usd: float | None,
@@ -177,7 +154,7 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
             outcome = run_file(file, output, errors, obj.config, concurrency=concurrency,
                                on_ingested=ingested, on_progress=advance, strict=strict,
                                budget_usd=budget_usd, deadline_s=deadline,
-                               reuse_mode=_reuse_mode(reuse), provider_batch=provider_batch)
+                               reuse_mode=reuse_mode(reuse), provider_batch=provider_batch)
         except (ConfigError, BatchInputError) as e:
             raise click.ClickException(str(e)) from None
     if report_json:
@@ -196,15 +173,6 @@ def run(obj: Ctx, file: Path, output: Path, errors: Path | None, report_json: Pa
     sys.exit(exit_code(int(outcome.report.get("failed") or 0), fail_on_failed))
 
 
-def _duration(value: str) -> float:
-    from batchroute.waiting import parse_duration
-
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="A readable name for the batch (default: the file name).")
@@ -214,9 +182,9 @@ def _duration(value: str) -> float:
 @click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
               help="Spend at most this much on the batch; jobs past it end budget_exhausted "
                    "(finish them with `batchroute resume BATCH --budget-usd N`, N higher).")
-@_deadline_option
-@_reuse_option
-@_provider_batch_option
+@deadline_option
+@reuse_option
+@provider_batch_option
 @click.pass_obj
 def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
            budget_usd: float | None, deadline: float, reuse: bool | None,
@@ -238,7 +206,7 @@ def submit(obj: Ctx, file: Path, name: str | None, as_json: bool, strict: bool,
             result = ingest_file(obj.config, store, CeleryDispatcher(), file, name,
                                  progress=lambda n: progress.advance(bar, n), strict=strict,
                                  budget_usd=budget_usd, deadline_s=deadline,
-                                 reuse_mode=_reuse_mode(reuse),
+                                 reuse_mode=reuse_mode(reuse),
                                  provider_batch=provider_batch)
     except BatchInputError as e:
         raise click.ClickException(str(e)) from None
@@ -350,6 +318,7 @@ def status(obj: Ctx, batch: str, watch: bool, as_json: bool, fail_on_failed: boo
     if data["stalled"]["count"]:
         table.add_row("[red]stalled[/red]", str(data["stalled"]["count"]))
     out.print(table)
+    show_provider_batches(data["provider_batches"])
     if data["stalled"]["advice"]:
         console.print(f"[yellow]{data['stalled']['advice']}[/yellow]", highlight=False)
     elif data["stalled"].get("broker_unreadable"):

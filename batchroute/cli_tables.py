@@ -124,3 +124,19 @@ def show_cascade(c: dict[str, Any] | None) -> None:
                            usd(rt["expected_if_skipped_usd"]), decision)
     out.print(mine)
     out.print(router)
+
+
+def show_provider_batches(pbs: dict[str, Any]) -> None:
+    """`status`: the batch's open provider batches, one line each (none: nothing printed)."""
+    if not pbs.get("open"):
+        return
+    table = Table(title=f"provider batches ({pbs['count']} in all)")
+    for name in ("provider batch", "model", "state", "provider status", "jobs", "done"):
+        table.add_column(name, justify="right" if name in ("jobs", "done") else "left")
+    for pb in pbs["open"]:
+        counts = pb.get("counts") or {}
+        done = counts.get("completed", counts.get("succeeded", 0))
+        table.add_row(for_rich(str(pb.get("remote_id") or pb["id"])), for_rich(pb["model"]),
+                      pb["state"], for_rich(pb.get("remote_status") or "-"), str(pb["jobs"]),
+                      str(done))
+    out.print(table)

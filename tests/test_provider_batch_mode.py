@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from batchroute import store_provider_batch as spb
+from batchroute.cli import main
 from batchroute.config import ConfigError, parse_config
 from batchroute.dispatch import LocalDispatcher
 from batchroute.embedded import run_file
@@ -375,6 +377,13 @@ def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
     try:
         report = runner.tick(rt)
         assert report.gathered == 1 and report.submitted == 1
+        # `status` shows the provider batch the jobs wait in, with the provider's word.
+        res = CliRunner().invoke(main, ["status", batch_id, "--json"])
+        (open_pb,) = json.loads(res.stdout)["provider_batches"]["open"]
+        assert open_pb["state"] == "submitted" and open_pb["jobs"] == 20
+        assert open_pb["remote_id"].startswith("batch_")
+        res = CliRunner().invoke(main, ["status", batch_id])
+        assert "provider batches (1 in all)" in res.stdout and "submitted" in res.stdout
         counts = cancel_batch(store, batch_id)
         assert counts["cancelled_queued"] == 20 and counts["provider_batches_cancelling"] == 1
         time.sleep(0.3)
