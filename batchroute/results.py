@@ -53,6 +53,10 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
             "attempts": n_attempts, "cost_usd": round(cost, 8), "escalations": job.escalations,
             "validators": job.verdicts, "reference_model": job.reference_model,
             "reused_from": _reused_from(job)}
+    if "batch_unanswered" in (job.options or {}):  # a provider batch left it unanswered
+        meta["provider_batch"] = {"unanswered": job.options["batch_unanswered"],
+                                  "expiries": job.options.get("batch_expiries", 0),
+                                  "sent_synchronously": bool(job.options.get("sync"))}
     line: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
     if job.state == SUCCEEDED and job.result is not None:
         line["response"] = {"status_code": 200,

@@ -267,6 +267,12 @@ def test_an_expired_provider_batch_sends_its_unfinished_jobs_on(sim: Any,
     # The expired requests were never billed and went into a later provider batch.
     resent = [j for j in store.iter_jobs(batch_id) if j.options.get("batch_expiries")]
     assert len(resent) == n - n // 2
+    # Their output lines say so, with the reason.
+    said = [x["batchroute"]["provider_batch"] for x in outputs(tmp_path / "out.jsonl")
+            if "provider_batch" in x["batchroute"]]
+    assert len(said) == len(resent)
+    assert all(x["unanswered"].startswith("expired") and x["expiries"] == 1
+               and not x["sent_synchronously"] for x in said)
     assert all(j.state in FINISHED for j in resent)
     assert all(BATCH_FLAG in (a.flags or "") for a in store.attempts(batch_id))
 

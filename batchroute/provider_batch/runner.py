@@ -363,7 +363,9 @@ def _send_on(rt: Runtime, job: Job, pb: ProviderBatch, why: str, force_sync: boo
     deadline = waiting.batch_deadline(rt.store, job.batch_id)
     where = SYNC if force_sync else after_unanswered(
         expiries - 1, rt.config.provider_batch.max_expiries, time.time(), deadline)
-    options = dict(job.options) | {"batch_expiries": expiries}
+    # Why, on the job: `results` and the report can say where it went and why.
+    options = dict(job.options) | {"batch_expiries": expiries,
+                                   "batch_unanswered": f"{why} (provider batch {pb.id})"[:300]}
     if where == SYNC:
         rt.budget.settle(_hold_of(job), 0.0)
         options = {k: v for k, v in options.items() if k != "budget_hold"} | {"sync": True}
