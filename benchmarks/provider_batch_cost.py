@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import tomli_w
 
 from batchroute import store_provider_batch as spb
 from batchroute.config import parse_config
@@ -66,28 +67,6 @@ def config(base_url: str, delay_s: float, max_requests: int) -> dict[str, Any]:
                       "batch": {"delay_s": delay_s, "expire_fraction": 0.5,
                                 "expire_batches": 1}},
     }
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-
-    scalars = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    out = []
-    if scalars:
-        out.append((f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n")
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(out)
 
 
 def make_batch(n: int, path: Path) -> Path:
@@ -169,7 +148,7 @@ def batched(src: Path, folder: Path, delay_s: float, max_requests: int,
     probe = config("http://x", delay_s, max_requests)
     server = SimServer(SimConfig.from_dict(probe["simulator"])).start()
     cfg_path = folder / "batch.toml"
-    cfg_path.write_text(to_toml(config(f"{server.url}/v1", delay_s, max_requests)))
+    cfg_path.write_text(tomli_w.dumps(config(f"{server.url}/v1", delay_s, max_requests)))
     db = f"sqlite:///{folder / 'batch.db'}"
     env = {"BATCHROUTE_CONFIG": str(cfg_path), "BATCHROUTE_BROKER_URL": broker,
            "BATCHROUTE_DATABASE_URL": db, "BATCHROUTE_TASK_EVENTS": "0",

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import tomli_w
 from click.testing import CliRunner
 
 from batchroute import store_provider_batch as spb
@@ -299,15 +302,34 @@ def test_the_deadline_cancels_a_slow_provider_batch_and_the_rest_runs_synchronou
 
 
 # ---- the tick, step by step ---------------------------------------------------------------
-def _ingest(s: Sim, store: Store, path: Path) -> tuple[Runtime, str]:
-    dispatcher = LocalDispatcher(concurrency=8)
-    rt = Runtime(s.config, store, dispatcher)
+@contextmanager
+def ingested(s: Sim, store: Store, path: Path) -> Iterator[tuple[Runtime, str]]:
+    """The file's jobs run once by a local pipeline (they park for provider batches), and
+    the Runtime for driving the tick by hand."""
     from batchroute.pipeline import process_job
 
+    dispatcher = LocalDispatcher(concurrency=8)
+    rt = Runtime(s.config, store, dispatcher)
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
-    result = ingest_file(s.config, store, dispatcher, path)
-    assert dispatcher.join(timeout=30)
-    return rt, result.batch_id
+    try:
+        result = ingest_file(s.config, store, dispatcher, path)
+        assert dispatcher.join(timeout=30)
+        yield rt, result.batch_id
+    finally:
+        dispatcher.close()
+        rt.close()
+
+
+def stranded(store: Store, batch_id: str, row_id: str, since: datetime) -> ProviderBatch:
+    """What a submitter leaves when it dies mid-submission: the row with its jobs, in
+    state "submitting" since `since`, with no provider id."""
+    waiting = spb.waiting(store)
+    assert waiting and all(w.batch_id == batch_id for w in waiting)
+    row = ProviderBatch(id=row_id, batch_id=batch_id, provider="sim", model=waiting[0].model,
+                        api="openai", jobs=len(waiting))
+    assert spb.create(store, row, waiting) == len(waiting)
+    spb.set_fields(store, row.id, state="submitting", submitting_at=since)
+    return row
 
 
 @pytest.mark.integration
@@ -315,16 +337,11 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any,
                                                                   tmp_path: Path) -> None:
     s = sim(delay_s=0.5)
     store = Store()
-    rt, batch_id = _ingest(s, store, make_batch(tmp_path / "b.jsonl", 20))
-    try:
-        waiting = spb.waiting(store)
-        assert len(waiting) == 20 and all(w.batch_id == batch_id for w in waiting)
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 20)) as (rt, batch_id):
         # What a submitter does up to its crash: the row, "submitting", the upload and the
         # create at the provider; then it dies before storing the provider's id.
-        row = ProviderBatch(id="pb_crashed", batch_id=batch_id, provider="sim",
-                            model=waiting[0].model, api="openai", jobs=20)
-        assert spb.create(store, row, waiting) == 20
-        spb.set_fields(store, row.id, state="submitting", submitting_at=utcnow())
+        row = stranded(store, batch_id, "pb_crashed", utcnow())
+        assert row.jobs == 20
         client = OpenAIBatchClient(httpx.Client(), rt.base_url(s.config.providers["sim"]), None)
         from batchroute.pipeline import request_for
         from batchroute.provider_batch import formats
@@ -346,9 +363,6 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any,
         assert len(first_round) == 1  # never sent a second time
         counts = store.state_counts(batch_id)
         assert sum(counts.get(x, 0) for x in FINISHED) == 20, counts
-    finally:
-        rt.dispatcher.close()  # type: ignore[attr-defined]
-        rt.close()
 
 
 @pytest.mark.integration
@@ -356,22 +370,13 @@ def test_a_submission_that_never_reached_the_provider_is_sent_again(sim: Any,
                                                                    tmp_path: Path) -> None:
     s = sim(delay_s=0.2)
     store = Store()
-    rt, batch_id = _ingest(s, store, make_batch(tmp_path / "b.jsonl", 10))
-    try:
-        waiting = spb.waiting(store)
-        row = ProviderBatch(id="pb_lost", batch_id=batch_id, provider="sim",
-                            model=waiting[0].model, api="openai", jobs=len(waiting))
-        spb.create(store, row, waiting)
-        spb.set_fields(store, row.id, state="submitting",
-                       submitting_at=utcnow() - timedelta(seconds=5))
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 10)) as (rt, batch_id):
+        row = stranded(store, batch_id, "pb_lost", utcnow() - timedelta(seconds=5))
         report = runner.tick(rt)
         assert report.adopted == 0
         assert spb.get(store, row.id).state == "building"  # type: ignore[union-attr]
         report = runner.tick(rt)
         assert report.submitted == 1 and len(s.batches("openai")) == 1
-    finally:
-        rt.dispatcher.close()  # type: ignore[attr-defined]
-        rt.close()
 
 
 @pytest.mark.integration
@@ -379,8 +384,7 @@ def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
                                                                     tmp_path: Path) -> None:
     s = sim(delay_s=3.0)
     store = Store()
-    rt, batch_id = _ingest(s, store, make_batch(tmp_path / "b.jsonl", 20))
-    try:
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 20)) as (rt, batch_id):
         report = runner.tick(rt)
         assert report.gathered == 1 and report.submitted == 1
         # `status` shows the provider batch the jobs wait in, with the provider's word.
@@ -409,9 +413,6 @@ def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
         for j in store.iter_jobs(batch_id):
             if any(a.job_id == j.id for a in discarded):
                 assert j.attempt_no == 2
-    finally:
-        rt.dispatcher.close()  # type: ignore[attr-defined]
-        rt.close()
 
 
 @pytest.mark.integration
@@ -421,42 +422,13 @@ def test_nothing_waits_in_batched_state_without_a_provider_batch_for_long(
     quiet, and the job is in state batched (no broker message) until then."""
     s = sim()
     store = Store()
-    rt, batch_id = _ingest(s, store, make_batch(tmp_path / "b.jsonl", 5))
-    try:
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 5)) as (rt, batch_id):
         assert store.state_counts(batch_id) == {BATCHED: 5}
         assert runner.tick(rt).gathered == 1
         assert not spb.waiting(store)
-    finally:
-        rt.dispatcher.close()  # type: ignore[attr-defined]
-        rt.close()
 
 
 # ---- Celery workers and beat, SIGKILLed with provider batches in flight --------------------
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for these configs (tables of scalars, lists and inline tables)."""
-    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    out = [f"[{prefix}]\n" + "\n".join(scalars) + "\n"] if prefix and scalars else (
-        ["\n".join(scalars) + "\n"] if scalars else [])
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(out)
-
-
 @pytest.mark.integration
 def test_sigkilled_worker_and_beat_lose_nothing_in_flight(
         sim: Any, start_worker: Any, own_broker: Any, tmp_path: Path,
@@ -473,7 +445,7 @@ def test_sigkilled_worker_and_beat_lose_nothing_in_flight(
     s = sim(delay_s=2.0, expire_fraction=0.5, expire_batches=1)
     s.data["provider_batch"].update(max_requests=100, lease_s=2.0, poll_s=0.3)
     cfg = tmp_path / "batch.toml"
-    cfg.write_text(to_toml(s.data))
+    cfg.write_text(tomli_w.dumps(s.data))
     monkeypatch.setenv("BATCHROUTE_CONFIG", str(cfg))
     env = {"BATCHROUTE_CONFIG": str(cfg), "BATCHROUTE_BROKER_URL": own_broker.url,
            "BATCHROUTE_LEASE_S": "3", "BATCHROUTE_TASK_TIME_LIMIT_S": "2",
