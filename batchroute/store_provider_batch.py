@@ -166,13 +166,17 @@ def jobs_of(store: Store, pb_id: str, any_state: bool = False) -> list[Job]:
     return [Job.model_construct(**r._mapping) for r in rows]
 
 
-def next_attempt_if_cancelled(store: Store, job_id: str, attempt_no: int,
-                              options: dict[str, Any]) -> bool:
-    """A cancelled job past an attempt recorded for it (with `options` rewritten)."""
+def settle_cancelled(store: Store, job_id: str, attempt_no: int, options: dict[str, Any],
+                     next_attempt: bool) -> bool:
+    """A cancelled job whose provider batch ended: `options` rewritten (its budget note
+    gone), and with `next_attempt` moved past the attempt just recorded for it."""
+    values: dict[str, Any] = {"options": options}
+    if next_attempt:
+        values["attempt_no"] = attempt_no + 1
     with store.engine.begin() as conn:
         res = conn.execute(update(_JOBS).where(
             _JOBS.c.id == job_id, _JOBS.c.attempt_no == attempt_no,
-            _JOBS.c.state == CANCELLED).values(attempt_no=attempt_no + 1, options=options))
+            _JOBS.c.state == CANCELLED).values(**values))
         return bool(res.rowcount)
 
 

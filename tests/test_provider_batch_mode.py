@@ -383,8 +383,11 @@ def test_a_submission_that_never_reached_the_provider_is_sent_again(sim: Any,
 def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
                                                                     tmp_path: Path) -> None:
     s = sim(delay_s=3.0)
+    s.config = parse_config({**s.data, "budget": {"batch_usd": 10.0}})
     store = Store()
     with ingested(s, store, make_batch(tmp_path / "b.jsonl", 20)) as (rt, batch_id):
+        (held,) = rt.budget.status(batch_id)
+        assert held["reserved_usd"] > 0  # parked jobs hold their batch-price maximum
         report = runner.tick(rt)
         assert report.gathered == 1 and report.submitted == 1
         # `status` shows the provider batch the jobs wait in, with the provider's word.
@@ -394,11 +397,12 @@ def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
         assert open_pb["remote_id"].startswith("batch_")
         res = CliRunner().invoke(main, ["status", batch_id])
         assert "provider batches (1 in all)" in res.stdout and "submitted" in res.stdout
+        (remote,) = s.batches("openai")
+        wait_for(lambda: len(remote.results) >= 5, 10, "the provider to answer some")
         counts = cancel_batch(store, batch_id)
         assert counts["cancelled_queued"] == 20 and counts["provider_batches_cancelling"] == 1
         time.sleep(0.3)
         runner.tick(rt)
-        (remote,) = s.batches("openai")
         wait_for(lambda: remote.ended_at is not None, 20, "the provider to end the batch")
         assert remote.ended_as == "cancelled"
         wait_for(lambda: (runner.tick(rt), spb.of_batch(store, batch_id)[0].state == "done")[1],
@@ -408,7 +412,11 @@ def test_cancel_cancels_provider_batches_and_records_what_was_billed(sim: Any,
         discarded = [a for a in store.attempts(batch_id) if a.outcome == runner.DISCARDED]
         assert len(discarded) == len(remote.results) - sum(
             1 for r in remote.results.values() if "cancel" in json.dumps(r))
-        assert all(a.cost_usd > 0 for a in discarded)
+        assert discarded and all(a.cost_usd > 0 for a in discarded)
+        # Every reservation settled: what was billed is spent, nothing stays reserved.
+        (budget,) = rt.budget.status(batch_id)
+        assert budget["reserved_usd"] == pytest.approx(0, abs=1e-12)
+        assert budget["spent_usd"] == pytest.approx(sum(a.cost_usd for a in discarded))
         # A resume runs them again at a new attempt number (no clash with those rows).
         for j in store.iter_jobs(batch_id):
             if any(a.job_id == j.id for a in discarded):

@@ -302,12 +302,17 @@ def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchC
                 report.resent += 1
     finally:
         writes.flush()
-    for job in everyone:  # cancelled by the user meanwhile, answered (and billed) anyway
+    for job in everyone:  # cancelled by the user meanwhile
+        # Still holding its budget reservation: not yet settled (a rerun skips it).
+        if job.id in taken or job.state != CANCELLED or "budget_hold" not in job.options:
+            continue
         item = parsed.items.get(formats.custom_id_for(job.id))
-        # Still holding its budget reservation: not yet recorded (a rerun skips it).
-        if (job.id not in taken and job.state == CANCELLED and "budget_hold" in job.options
-                and item is not None and item.completion is not None):
+        if item is not None and item.completion is not None:  # answered (billed) anyway
             _record_discarded(rt, job, model, item.completion)
+        else:
+            rt.budget.settle(_hold_of(job), 0.0)
+            spb.settle_cancelled(rt.store, job.id, job.attempt_no, _without_hold(job).options,
+                                 next_attempt=False)
     spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
                    remote_status=status.status, counts=status.counts)
     report.collected += 1
@@ -399,9 +404,8 @@ def _record_discarded(rt: Runtime, job: Job, model: ModelConfig,
         cost_usd=charge.cost_usd, outcome=DISCARDED, flags=charge.flags_text,
         reason="job cancelled while its provider batch ran; the provider answered (and "
                "billed) it anyway, the answer is discarded"))
-    if recorded:
-        spb.next_attempt_if_cancelled(rt.store, job.id, job.attempt_no,
-                                      _without_hold(job).options)
+    spb.settle_cancelled(rt.store, job.id, job.attempt_no, _without_hold(job).options,
+                         next_attempt=recorded)
 
 
 def _aware(t: datetime) -> datetime:
