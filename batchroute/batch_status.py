@@ -134,7 +134,7 @@ def status_data(store: Store, batch: Batch) -> dict[str, Any]:
 def provider_batches(store: Store, batch_id: str) -> dict[str, Any]:
     """The batch's provider batches: how many in each state, and the open ones (what the
     provider says of each, so a user waiting on one sees it is being worked on)."""
-    from batchroute import store_provider_batch as spb
+    from batchroute.store import provider_batches as spb
 
     pbs = spb.of_batch(store, batch_id)
     by_state: dict[str, int] = {}

@@ -41,10 +41,13 @@ def _forget_kombu_pools() -> None:
 
 def _after_fork_in_child() -> None:
     _forget_kombu_pools()
-    store: Any = sys.modules.get("batchroute.store")
+    store: Any = sys.modules.get("batchroute.store.engine")
     if store is None:  # nothing built yet
         return
     store._engines_lock = threading.Lock()  # it may have been held at the fork
+    package: Any = sys.modules.get("batchroute.store")
+    if package is not None:  # the same lock under its re-exported name
+        package._engines_lock = store._engines_lock
     for engine in list(store._engines.values()):
         engine.dispose(close=False)  # forget the parent's connections, do not close them
 

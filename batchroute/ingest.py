@@ -28,7 +28,7 @@ from batchroute.jobspec import MAX_CUSTOM_ID, JobSpec, LineProblem, parse_line
 from batchroute.reuse import ReuseSettings, reuse_key, settings_for
 from batchroute.router import RouteError, pick_model, route
 from batchroute.store import QUEUED, Store, utcnow
-from batchroute.store_bulk import JobLoader, encode_job, finish_encode, pre_encode
+from batchroute.store.bulk import JobLoader, encode_job, finish_encode, pre_encode
 from batchroute.tokens import count_messages
 
 log = structlog.get_logger("batchroute.ingest")
@@ -204,7 +204,7 @@ def _parse_chunk(state: tuple[Config, str, str, ReuseSettings],
                  chunk: list[tuple[int, bytes | str | LineProblem]]) -> list[_Entry]:
     """Parse and route a chunk of lines; runs in a parser process (or in-process).
     `encode`: "copy" turns rows into COPY text, "pre" all but the columns the adaptive
-    cascade may still change (store_bulk.pre_encode), "" leaves them as dicts."""
+    cascade may still change (store.bulk.pre_encode), "" leaves them as dicts."""
     config, batch_id, encode, reuse = state
     out: list[_Entry] = []
     for line_no, raw in chunk:
@@ -261,7 +261,7 @@ def ingest_lines(config: Config, store: Store, dispatcher: Dispatcher | None, ba
     """Parse, store and publish a chunk at a time; `dispatcher=None` stores without publishing.
 
     With `workers` > 0, that many forked processes parse ahead while this one stores
-    (COPY on PostgreSQL, batchroute.store_bulk) and publishes (one Redis pipeline per
+    (COPY on PostgreSQL, batchroute.store.bulk) and publishes (one Redis pipeline per
     chunk, batchroute.publish). Duplicate custom_ids are judged here, in line order, so
     the first occurrence wins whatever the number of workers. Only rows that were new are
     published with their first attempt; rows already stored (the same file submitted

@@ -34,10 +34,19 @@ from typing import Any, Protocol
 
 import structlog
 
-from batchroute import store_provider_batch
 from batchroute.config import Config
 from batchroute.dispatch import Dispatcher
-from batchroute.store import CANCELLED, FAILED, LOST, QUEUED, Attempt, Batch, Store, utcnow
+from batchroute.store import (
+    CANCELLED,
+    FAILED,
+    LOST,
+    QUEUED,
+    Attempt,
+    Batch,
+    Store,
+    provider_batches,
+    utcnow,
+)
 
 log = structlog.get_logger("batchroute.recovery")
 
@@ -298,11 +307,11 @@ def cancel_batch(store: Store, batch_id: str, now: datetime | None = None) -> di
             break
     # Provider batches in flight are cancelled at the provider by the next provider-batch
     # tick; what they had already answered is recorded (billed) with the answer discarded.
-    provider_batches = store_provider_batch.request_cancel(store, batch_id)
+    cancelling = provider_batches.request_cancel(store, batch_id)
     log.info("batch_cancelled", batch_id=batch_id, queued=queued, running=running,
-             provider_batches=provider_batches)
+             provider_batches=cancelling)
     return {"cancelled_queued": queued, "cancelled_running": running,
-            "provider_batches_cancelling": provider_batches}
+            "provider_batches_cancelling": cancelling}
 
 
 def resume_batch(store: Store, config: Config, dispatcher: Dispatcher, batch: Batch, *,

@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from batchroute import store_provider_batch
 from batchroute.adaptive import cascade_report
 from batchroute.completion import Usage
 from batchroute.config import Config
 from batchroute.pricing import model_cost, reference_cost
 from batchroute.provider_batch.pricing import BATCH_FLAG
 from batchroute.reuse_run import REUSED
-from batchroute.store import FAILED, FINISHED, SUCCEEDED, Attempt, Store
-from batchroute.store_reuse import reused_from
+from batchroute.store import FAILED, FINISHED, SUCCEEDED, Attempt, Store, provider_batches
+from batchroute.store.reuse import reused_from
 
 
 def _bucket() -> dict[str, Any]:
@@ -176,7 +175,7 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         "unpriced_reference_jobs": unpriced,
         "budget_usd": batch.budget_usd if batch else None,
     }
-    pbs = store_provider_batch.of_batch(store, batch_id)
+    pbs = provider_batches.of_batch(store, batch_id)
     report["provider_batches"] = {
         "count": len(pbs), "requests": sum(p.jobs for p in pbs),
         "by_state": dict(Counter(p.state for p in pbs)),

@@ -32,9 +32,9 @@ from typing import Any
 
 import structlog
 
-from batchroute import store_reuse
 from batchroute.runtime import Runtime
 from batchroute.store import QUEUED, SUCCEEDED, Attempt, Job, utcnow
+from batchroute.store import reuse as store_reuse
 
 log = structlog.get_logger("batchroute.reuse")
 

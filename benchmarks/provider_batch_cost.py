@@ -35,12 +35,12 @@ from typing import Any
 import redis
 import tomli_w
 
-from batchroute import store_provider_batch as spb
 from batchroute.config import parse_config
 from batchroute.embedded import run_file
 from batchroute.logs import configure_logging
 from batchroute.sim import SimConfig, SimServer
 from batchroute.store import FINISHED, LOST, Store, get_engine
+from batchroute.store import provider_batches as spb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "jobs" / "examples" / "support_batch.jsonl"

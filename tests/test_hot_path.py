@@ -76,7 +76,7 @@ def test_a_claimed_job_comes_back_whole(store: Store) -> None:
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # pooled server connections
 def test_a_dead_pooled_connection_is_replaced_unseen(db_url: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchroute import store as store_module
+    from batchroute.store import engine as store_engine
 
     from .conftest import _pg_admin
 
@@ -85,7 +85,7 @@ def test_a_dead_pooled_connection_is_replaced_unseen(db_url: str,
     with store.engine.connect() as conn:  # the pool's connection, then back to the pool
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     _pg_admin(f"SELECT pg_terminate_backend({pid})")  # a server restart, as far as it knows
-    monkeypatch.setattr(store_module, "PING_AFTER_IDLE_S", 0.0)  # it has been idle "long"
+    monkeypatch.setattr(store_engine, "PING_AFTER_IDLE_S", 0.0)  # it has been idle "long"
     assert store.claim(job_id, 1) is not None  # no OperationalError: pinged and replaced
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid

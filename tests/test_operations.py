@@ -466,7 +466,7 @@ def test_example_file_fits_the_bulk_path(tmp_path: Path) -> None:
     """Every shipped example line goes through the bulk encoder (JSON columns, tabs and
     newlines in prompts, nulls) and decodes back to the row it came from."""
     from batchroute.ingest import _lines, _parse
-    from batchroute.store_bulk import encode_job, finish_encode, pre_encode
+    from batchroute.store.bulk import encode_job, finish_encode, pre_encode
 
     seen: set[str] = set()
     cols = [c.name for c in Job.__table__.columns]  # type: ignore[attr-defined]

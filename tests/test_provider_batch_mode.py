@@ -22,7 +22,6 @@ import pytest
 import tomli_w
 from click.testing import CliRunner
 
-from batchroute import store_provider_batch as spb
 from batchroute.cli import main
 from batchroute.config import ConfigError, parse_config
 from batchroute.dispatch import LocalDispatcher
@@ -43,6 +42,7 @@ from batchroute.recovery import cancel_batch
 from batchroute.runtime import Runtime
 from batchroute.sim import SimConfig, SimServer
 from batchroute.store import BATCHED, FINISHED, ProviderBatch, Store, get_engine, utcnow
+from batchroute.store import provider_batches as spb
 
 from .conftest import wait_for
 from .dedicated_redis import own_broker
@@ -303,7 +303,8 @@ def test_the_deadline_cancels_a_slow_provider_batch_and_the_rest_runs_synchronou
 
 # ---- the tick, step by step ---------------------------------------------------------------
 @contextmanager
-def ingested(s: Sim, store: Store, path: Path) -> Iterator[tuple[Runtime, str]]:
+def ingested(s: Sim, store: Store, path: Path,
+             deadline_s: float | None = None) -> Iterator[tuple[Runtime, str]]:
     """The file's jobs run once by a local pipeline (they park for provider batches), and
     the Runtime for driving the tick by hand."""
     from batchroute.pipeline import process_job
@@ -312,7 +313,7 @@ def ingested(s: Sim, store: Store, path: Path) -> Iterator[tuple[Runtime, str]]:
     rt = Runtime(s.config, store, dispatcher)
     dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
     try:
-        result = ingest_file(s.config, store, dispatcher, path)
+        result = ingest_file(s.config, store, dispatcher, path, deadline_s=deadline_s)
         assert dispatcher.join(timeout=30)
         yield rt, result.batch_id
     finally:
@@ -523,3 +524,19 @@ def test_identical_requests_in_batch_mode_are_paid_once(sim: Any, tmp_path: Path
     paid = [a for a in store.attempts(res.ingest.batch_id) if a.cost_usd > 0]
     assert sent == len(paid) and len({a.job_id for a in paid}) == 1  # one job paid
     assert res.report["reuse"]["hits"] == 7
+
+
+@pytest.mark.integration
+def test_no_provider_batch_is_started_past_the_deadline(sim: Any, tmp_path: Path) -> None:
+    s = sim()
+    store = Store()
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 6), deadline_s=1.0) as (
+            rt, batch_id):
+        assert store.state_counts(batch_id) == {BATCHED: 6}  # parked before the deadline
+        time.sleep(1.1)
+        runner.tick(rt)
+        assert rt.dispatcher.join(timeout=30)  # type: ignore[attr-defined]
+        counts = store.state_counts(batch_id)
+        assert sum(counts.get(x, 0) for x in FINISHED) == 6, counts
+        assert not s.batches("openai")  # nothing was sent to the batch API
+        assert not any(BATCH_FLAG in (a.flags or "") for a in store.attempts(batch_id))

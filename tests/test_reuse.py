@@ -295,7 +295,7 @@ def test_an_older_database_gains_the_indexed_reuse_key(db_url: str) -> None:
     assert any(i["name"] == "ix_job_reuse" and i["column_names"][0] == "reuse_key"
                for i in insp.get_indexes("job"))
     old.dispose()
-    from batchroute import store_reuse
+    from batchroute.store import reuse as store_reuse
 
     assert store_reuse.peers(store, "k", "b", "j").source is None  # and it is usable
 

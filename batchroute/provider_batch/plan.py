@@ -15,7 +15,7 @@ from batchroute.provider_batch.formats import LIMITS
 
 
 class WaitingJob(Protocol):
-    """What the grouping reads of a waiting job (`store_provider_batch.Waiting`)."""
+    """What the grouping reads of a waiting job (`store.provider_batches.Waiting`)."""
 
     @property
     def batch_id(self) -> str: ...

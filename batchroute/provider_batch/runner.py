@@ -34,7 +34,6 @@ from typing import Any
 import structlog
 
 from batchroute import billing, secrets, waiting
-from batchroute import store_provider_batch as spb
 from batchroute.budget import Hold
 from batchroute.completion import Completion
 from batchroute.config import ModelConfig, ProviderConfig
@@ -51,6 +50,7 @@ from batchroute.provider_batch.pricing import BATCH_FLAG, batch_cost
 from batchroute.providers.base import ErrorKind, ProviderError
 from batchroute.runtime import Runtime
 from batchroute.store import BATCHED, CANCELLED, QUEUED, Attempt, Job, ProviderBatch, utcnow
+from batchroute.store import provider_batches as spb
 
 log = structlog.get_logger("batchroute.provider_batch")
 
@@ -172,6 +172,12 @@ def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: Mod
     jobs = spb.jobs_of(rt.store, pb.id)
     if not jobs:  # all cancelled or moved on meanwhile
         spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(), jobs=0)
+        return
+    if time.time() >= waiting.batch_deadline(rt.store, pb.batch_id):
+        # Waiting stops at the deadline: no provider batch is started past it.
+        _send_all_sync(rt, pb, "batch deadline reached before the provider batch was sent")
+        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
+                       note="deadline reached before submission")
         return
     requests = [(formats.custom_id_for(j.id), model.api_model, request_for(rt, j, model)[1])
                 for j in jobs]

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from batchroute.store import Job
+from batchroute.store.tables import Job
 
 _TABLE: Any = Job.__table__  # type: ignore[attr-defined]
 _COLUMNS: list[Any] = list(_TABLE.columns)

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func
 from sqlalchemy import select as sa_select
 
-from batchroute.store import BATCHED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
+from batchroute.store.access import Store
+from batchroute.store.tables import BATCHED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 
 _CHUNK = 500  # ids per IN (...) list
 

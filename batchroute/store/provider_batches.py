@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import delete, func, or_, tuple_, update
 from sqlalchemy import select as sa_select
 
-from batchroute.store import (
+from batchroute.store.access import Store
+from batchroute.store.tables import (
     BATCHED,
     CANCELLED,
     QUEUED,
@@ -23,7 +24,6 @@ from batchroute.store import (
     Batch,
     Job,
     ProviderBatch,
-    Store,
     utcnow,
 )
 

@@ -1,421 +1,49 @@
-"""The SQL store: the source of truth for batches, jobs and attempts.
-
-The broker only carries (job id, attempt number). Everything else lives here,
-so a lost broker message never loses a job, and a duplicated message is
-harmless: a worker must *claim* the job for that attempt number with a
-conditional UPDATE before it spends anything.
-"""
+"""`Store`: thin, typed access to the tables, the only class that writes SQL."""
 
 from __future__ import annotations
 
-import functools
-import os
-import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    Connection,
     Engine,
-    Index,
-    UniqueConstraint,
     and_,
-    bindparam,
     case,
-    event,
-    exc,
     func,
-    inspect,
     or_,
-    text,
-    tuple_,
     update,
 )
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import configure_mappers
-from sqlmodel import Field, Session, SQLModel, col, create_engine, select
-
-DEFAULT_DATABASE_URL = "sqlite:///batchroute.db"
-
-# Job states. "queued" means a message for (id, attempt_no) is or should be on the broker.
-QUEUED, RUNNING = "queued", "running"
-# Waiting for, or inside, a provider batch (batchroute.provider_batch): no broker message;
-# the provider-batch tick moves it on. `provider_batch_id` says which one (None: not yet).
-BATCHED = "batched"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-# Attempt outcome of a placeholder the sweeper (or cancel) writes for a run that never
-# recorded its own row; the run's real row replaces it if it turns out to be alive.
-LOST = "lost"
-# A claim's lease: longer than the broker's hard task time limit (900 s, batchroute.broker),
-# so the sweeper never takes a job from a live attempt. BATCHROUTE_LEASE_S overrides it.
-DEFAULT_LEASE_S = 960.0
-
-
-def lease_seconds() -> float:
-    """The lease a claim takes; an env var so tests (and impatient operators) can use seconds."""
-    return float(os.environ.get("BATCHROUTE_LEASE_S") or DEFAULT_LEASE_S)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Batch(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    name: str = ""
-    source: str = ""
-    created_at: datetime = Field(default_factory=utcnow)
-    total_lines: int = 0
-    error_lines: int = 0
-    state: str = "ingesting"
-    budget_usd: float | None = None  # None: the config's [budget] batch_usd, if any
-    # Until when its jobs may wait out outages (batchroute.waiting); None: created + 24 h.
-    deadline_at: datetime | None = None
-    # Whether its jobs may go through provider batch APIs (None: where the config says so).
-    provider_batch: bool | None = None
-
-
-# Answer reuse looks jobs up by key and state (batchroute.store_reuse). One composite index:
-# with a separate index per column, SQLite (no statistics) chose ix_job_state and scanned
-# every finished job (9 ms a lookup at 3,000 jobs). Partial: the many jobs that have no
-# key (not deterministic, or --no-reuse) cost it nothing on their transitions.
-_REUSE_INDEX = Index("ix_job_reuse", "reuse_key", "state", "batch_id",
-                     postgresql_where=text("reuse_key IS NOT NULL"),
-                     sqlite_where=text("reuse_key IS NOT NULL"))
-
-
-# Jobs of one provider batch, looked up when it is submitted and when its results come.
-_PBATCH_INDEX = Index("ix_job_pbatch", "provider_batch_id",
-                      postgresql_where=text("provider_batch_id IS NOT NULL"),
-                      sqlite_where=text("provider_batch_id IS NOT NULL"))
-
-
-class Job(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("batch_id", "custom_id"), _REUSE_INDEX, _PBATCH_INDEX)
-
-    id: str = Field(primary_key=True)
-    batch_id: str = Field(index=True)
-    custom_id: str
-    # BIGINT: Client.enqueue numbers its lines with a microsecond clock (over 2**31).
-    line_no: int = Field(default=0, sa_type=BigInteger)
-    task: str = "default"
-    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
-    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    reference_model: str | None = None
-    ladder: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    tier_index: int = 0
-    tier: int = 1
-    model: str = ""
-    provider: str = ""
-    state: str = Field(default=QUEUED, index=True)
-    attempt_no: int = 1
-    # Set by claim: past it, a "running" job's worker is presumed dead (batchroute.recovery).
-    lease_until: datetime | None = None
-    prompt_tokens_est: int = 0
-    # Identical deterministic requests share it (batchroute.reuse); None: never reused.
-    # Nullable and indexed (_REUSE_INDEX): _add_missing_columns adds both to an older database.
-    reuse_key: str | None = Field(default=None, max_length=64)
-    escalations: list[dict[str, Any]] = Field(default_factory=list,
-                                              sa_column=Column(JSON, nullable=False))
-    verdicts: list[dict[str, Any]] = Field(default_factory=list,
-                                           sa_column=Column(JSON, nullable=False))
-    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    created_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow)
-    finished_at: datetime | None = None
-    provider_batch_id: str | None = Field(default=None, max_length=64)
-
-
-class Attempt(SQLModel, table=True):
-    """One provider call. Unique per (job, attempt_no): a redelivered message cannot bill twice."""
-
-    __table_args__ = (UniqueConstraint("job_id", "attempt_no"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: str = Field(index=True)
-    batch_id: str = Field(index=True)
-    attempt_no: int
-    task: str = "default"
-    tier: int
-    provider: str
-    model: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_ms: float = 0.0
-    outcome: str = "ok"  # ok | invalid | error | lost | reused (batchroute.reuse_run: $0)
-    error_kind: str | None = None
-    reason: str = ""
-    request_id: str = ""
-    # Comma-separated doubts about the reply's bill (batchroute.billing): usage_suspect,
-    # cost_clamped. Nullable, so older databases gain it in _add_missing_columns.
-    flags: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
-
-
-class ProviderBatch(SQLModel, table=True):
-    """One batch at a provider's batch API (batchroute.provider_batch).
-
-    The row, with its jobs pointing at it, is committed before anything is uploaded, and
-    `state` says how far it got: building -> submitting -> submitted -> collecting -> done
-    (or cancelled). A submitter that dies between "submitting" and storing `remote_id`
-    leaves a row the next tick looks up at the provider (by `id` in the batch's metadata,
-    or by size and time where the API has no metadata) before it would send it again."""
-
-    __tablename__ = "provider_batch"
-
-    id: str = Field(primary_key=True)
-    batch_id: str = Field(index=True)
-    provider: str
-    model: str
-    api: str
-    state: str = Field(default="building", index=True)
-    jobs: int = 0
-    remote_id: str | None = None
-    input_file_id: str | None = None
-    remote_status: str = ""
-    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    note: str = ""
-    created_at: datetime = Field(default_factory=utcnow)
-    submitting_at: datetime | None = None
-    submitted_at: datetime | None = None
-    ended_at: datetime | None = None
-    next_poll_at: datetime | None = None
-    # A tick working on this row holds it until then (several workers run the tick).
-    lease_until: datetime | None = None
-    cancel_requested: bool = False
-
-
-class LineError(SQLModel, table=True):
-    """An input line that could not become a job, kept so `status` and `results` can show it."""
-
-    __table_args__ = (UniqueConstraint("batch_id", "line_no"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    batch_id: str = Field(index=True)
-    line_no: int
-    custom_id: str | None = None
-    reason: str
-
-
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def database_url() -> str:
-    return os.environ.get("BATCHROUTE_DATABASE_URL") or DEFAULT_DATABASE_URL
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers (status, client waits) run beside the writing workers;
-    # busy_timeout makes concurrent writers queue instead of failing.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
-
-
-# A pooled connection idle longer than this is pinged before use (see _ping_if_idle).
-PING_AFTER_IDLE_S = 10.0
-
-
-def _mark_idle(_dbapi_conn: Any, record: Any) -> None:
-    record.info["idle_since"] = time.monotonic()
-
-
-def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-    """SQLAlchemy's pool_pre_ping costs a round trip on *every* checkout, i.e. two per
-    attempt on a busy worker; a connection used a moment ago is alive, so only one that
-    sat idle (where a server restart or a firewall's timeout can have killed it) is
-    pinged. A dead one is replaced: raising DisconnectionError makes the pool retry with
-    a fresh connection (SQLAlchemy's documented pessimistic-disconnect recipe)."""
-    idle_since = record.info.get("idle_since")
-    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
-        return
-    try:
-        cur = dbapi_conn.cursor()
-        cur.execute("SELECT 1")
-        cur.close()
-    except Exception as e:
-        raise exc.DisconnectionError(f"pooled connection is dead: {e}") from e
-
-
-def engine_url(url: str) -> str:
-    """The SQLAlchemy URL for a database URL. `postgres://` (what many hosts hand out) and a
-    bare `postgresql://` (whose default driver is psycopg 3 since SQLAlchemy 2.1) get the
-    driver that is installed: psycopg 3 if present, else psycopg2 (the `postgres` extra)."""
-    import importlib.util
-
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            driver = "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"
-            return f"postgresql+{driver}://{url[len(prefix):]}"
-    return url
-
-
-def _server_engine(url: Any, **options: Any) -> Engine:
-    """An engine for a database server: a pool sized for a worker's threads, whose
-    connections are pinged only after sitting idle."""
-    from batchroute.dbretry import pool_options  # small pools: see there (#15)
-
-    engine = create_engine(url, **pool_options(), **options)
-    event.listen(engine, "checkin", _mark_idle)
-    event.listen(engine, "checkout", _ping_if_idle)
-    return engine
-
-
-def autocommit_engine(engine: Engine) -> Engine:
-    """A PostgreSQL engine whose connections stay in autocommit, for the hot path's single
-    statements. Its own pool rather than ``execution_options(isolation_level=...)`` on the
-    shared one: switching a pooled connection to autocommit and back on every checkout
-    cost ~40 µs of CPU, a fifth of a whole statement. A chunk's transitions go as one
-    executemany: with psycopg2 "values_plus_batch" sends them as pages of statements, one
-    round trip per page instead of one per job (each statement is atomic on its own)."""
-    key = engine.url.render_as_string(hide_password=False) + "#autocommit"
-    with _engines_lock:
-        auto = _engines.get(key)
-        if auto is None:
-            batch = ({"executemany_mode": "values_plus_batch"}
-                     if engine.dialect.driver == "psycopg2" else {})
-            auto = _server_engine(engine.url, isolation_level="AUTOCOMMIT", **batch)
-            _engines[key] = auto
-        return auto
-
-
-# Any constant works; it only has to be the same in every process that creates the schema.
-_SCHEMA_LOCK_KEY = 0x62617463  # "batc"
-
-
-def get_engine(url: str | None = None) -> Engine:
-    """One engine per URL per process, tables created on first use."""
-    url = url or database_url()
-    with _engines_lock:
-        engine = _engines.get(url)
-        if engine is None:
-            if url.startswith("sqlite"):
-                engine = create_engine(url, connect_args={"check_same_thread": False,
-                                                          "timeout": 30})
-                event.listen(engine, "connect", _sqlite_pragmas)
-            else:
-                engine = _server_engine(engine_url(url))
-            _create_schema(engine)
-            _engines[url] = engine
-        return engine
-
-
-def _create_schema(engine: Engine) -> None:
-    """Create missing tables and columns in one transaction. On PostgreSQL the first start of
-    a deployment runs this in many processes at once (every worker, beat, the submitter) and
-    concurrent CREATE TABLEs fail on the catalog's unique index: an advisory lock makes
-    them take turns, and the later ones find the tables there."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-        SQLModel.metadata.create_all(conn)
-        _add_missing_columns(conn)
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """create_all() never alters an existing table: add columns that newer versions declare
-    (all nullable) so a database written by an older batchroute keeps working."""
-    insp = inspect(conn)
-    for table in SQLModel.metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in have or not column.nullable:
-                continue
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
-        # Nor does it create the indexes of a table that exists (e.g. ix_job_reuse).
-        indexes = {i["name"] for i in insp.get_indexes(table.name)}
-        for index in table.indexes:
-            if index.name not in indexes:
-                index.create(conn)
-
-
-# The hot path's statements, built once with bind parameters: building an UPDATE per call
-# (coercing every literal, computing its cache key) cost more CPU than psycopg2 did.
-_JOBS = Job.__table__  # type: ignore[attr-defined]
-# Jobs and attempts are built with model_construct on the hot path, which reads the ORM's
-# attribute descriptors: they work only once the mappers are configured, which a Session
-# would do lazily and Core never does.
-configure_mappers()
-_CLAIM = (update(_JOBS)
-          .where(_JOBS.c.id == bindparam("k_id"), _JOBS.c.attempt_no == bindparam("k_attempt"),
-                 _JOBS.c.state == QUEUED)
-          .values(state=RUNNING, updated_at=bindparam("k_now"), lease_until=bindparam("k_lease"))
-          .returning(*_JOBS.c))
-# The same claim for a chunk message's jobs: (id, attempt_no) row values, one round trip.
-_CLAIM_MANY = (update(_JOBS)
-               .where(tuple_(_JOBS.c.id, _JOBS.c.attempt_no).in_(bindparam("k_pairs",
-                                                                           expanding=True)),
-                      _JOBS.c.state == QUEUED)
-               .values(state=RUNNING, updated_at=bindparam("k_now"),
-                       lease_until=bindparam("k_lease"))
-               .returning(*_JOBS.c))
-
-
-@functools.lru_cache(maxsize=64)
-def _transition_stmt(columns: frozenset[str]) -> Any:
-    """The guarded UPDATE that moves a running job on, setting `columns` (one per shape)."""
-    return (update(_JOBS)
-            .where(_JOBS.c.id == bindparam("k_id"), _JOBS.c.attempt_no == bindparam("k_from"),
-                   _JOBS.c.state == RUNNING)
-            .values({_JOBS.c[c]: bindparam(f"v_{c}") for c in sorted(columns)}))
-
-
-_ATTEMPTS = Attempt.__table__  # type: ignore[attr-defined]
-_ATTEMPT_COLS = tuple(c.name for c in _ATTEMPTS.c if c.name != "id")
-_ATTEMPT_KEY = ("job_id", "attempt_no")
-
-
-@functools.lru_cache(maxsize=4)
-def _record_stmt(dialect: str) -> Any:
-    """Insert an attempt once per (job, attempt_no); on a clash overwrite only a "lost"
-    placeholder (the sweeper gave the run up for dead, but it was alive and its call is
-    what the provider billed). One statement: an upsert whose update has a WHERE."""
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    ins = module.insert(_ATTEMPTS).values({c: bindparam(f"a_{c}") for c in _ATTEMPT_COLS})
-    return ins.on_conflict_do_update(
-        index_elements=list(_ATTEMPT_KEY),
-        set_={c: ins.excluded[c] for c in _ATTEMPT_COLS if c not in _ATTEMPT_KEY},
-        where=_ATTEMPTS.c.outcome == LOST)
-
-
-@functools.lru_cache(maxsize=64)
-def _record_and_transition_stmt(columns: frozenset[str]) -> Any:
-    """PostgreSQL: the attempt's upsert as a data-modifying CTE of the job's guarded
-    UPDATE. One statement is atomic on its own, so in autocommit it is one round trip
-    where INSERT, UPDATE and COMMIT were three."""
-    return _transition_stmt(columns).add_cte(_record_stmt("postgresql").cte("recorded"))
-
-
-def _attempt_params(attempt: Attempt) -> dict[str, Any]:
-    return {f"a_{c}": getattr(attempt, c) for c in _ATTEMPT_COLS}
-
-
-@dataclass
-class Move:
-    """One deferred `Store.transition`: the job, the attempt it must still be at, the
-    attempt row to record with it, and the column values to set."""
-
-    job_id: str
-    from_attempt: int
-    attempt: Attempt | None
-    values: dict[str, Any]
+from sqlmodel import Session, col, select
+
+from batchroute.store.engine import autocommit_engine, get_engine
+from batchroute.store.statements import (
+    _ATTEMPTS,
+    _CLAIM,
+    _CLAIM_MANY,
+    Move,
+    _attempt_params,
+    _record_and_transition_stmt,
+    _record_stmt,
+    _transition_stmt,
+)
+from batchroute.store.tables import (
+    BATCHED,
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    LOST,
+    QUEUED,
+    RUNNING,
+    Attempt,
+    Batch,
+    Job,
+    LineError,
+    lease_seconds,
+    utcnow,
+)
 
 
 class Store:
