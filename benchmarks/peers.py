@@ -24,7 +24,8 @@ Workloads:
     python benchmarks/peers.py [--only faults10,ratelimited] [--systems batchroute,sdk]
                                [--celery] [--safety 0.2] [--json]
 
-Needs ``pip install -e .[bench]`` (litellm, openai). ``--celery`` needs Redis (db 12, flushed).
+Needs ``pip install -e .[bench]`` (litellm, openai). ``--celery`` needs Redis (db 12, or
+$PEERS_REDIS_DB; flushed).
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def write_jobs(path: Path, w: Workload) -> None:
                 "model": "only", "messages": messages(i, w), "max_tokens": w.max_tokens}}) + "\n")
 
 
-# --safety: the pools' margin for admission-to-arrival delay (providers.<p>.rate_safety_s;
-# None: the default 0.5 s, which is 5% of these 10 s windows but 0.8% of a real 60 s one).
+# --safety: providers.<p>.rate_safety_s, a cap on the admission-to-arrival delay a call
+# counts with (None: the default, no cap: a call counts until its reply).
 SAFETY_S: float | None = None
 
 
@@ -162,7 +163,7 @@ def run_celery(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
 
     from batchroute.store import FINISHED, Store, get_engine
 
-    broker = "redis://127.0.0.1:6379/12"
+    broker = f"redis://127.0.0.1:6379/{os.environ.get('PEERS_REDIS_DB', '12')}"
     redis.Redis.from_url(broker).flushdb()
     cfg = tmp / f"{w.name}.toml"
     cfg.write_text(toml({k: v for k, v in br_config(url, w).items() if k != "tasks"})
@@ -256,7 +257,7 @@ def main() -> int:
     ap.add_argument("--systems", default="batchroute,litellm,sdk")
     ap.add_argument("--celery", action="store_true", help="also 2 Celery workers")
     ap.add_argument("--safety", type=float, default=None,
-                    help="batchroute's rate_safety_s (default: the library's 0.5 s)")
+                    help="batchroute's rate_safety_s (default: none, strict)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     global SAFETY_S
