@@ -137,8 +137,15 @@ def toml(d: dict[str, Any]) -> str:
         for name, values in table.items():
             out.append(f"[{section}.{name}]")
             for k, v in values.items():
-                out.append(f"{k} = {json.dumps(v)}")
+                out.append(f"{k} = {_value(v)}")
     return "\n".join(out) + "\n"
+
+
+def _value(v: Any) -> str:
+    """A TOML value: JSON's scalars and arrays are TOML too, its objects are not."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
 
 
 def run_batchroute(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
@@ -182,7 +189,10 @@ def run_celery(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
         write_jobs(src, w)
         started = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "batchroute.cli", "submit", str(src),
-                              "--json"], env=env, capture_output=True, text=True, check=True)
+                              "--json"], env=env, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"submit failed: {res.stderr[-2000:]}{res.stdout[-2000:]}")
+        submit_s = time.perf_counter() - started  # a CLI process: imports, ingest
         batch_id = json.loads(res.stdout[res.stdout.index("{"):])["batch_id"]
         store = Store(get_engine(db))
         while True:
@@ -190,7 +200,8 @@ def run_celery(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
             if sum(counts.get(s, 0) for s in FINISHED) >= w.jobs:
                 break
             time.sleep(0.1)
-        return {"wall_s": time.perf_counter() - started, "ok": counts.get("succeeded", 0)}
+        return {"wall_s": time.perf_counter() - started, "ok": counts.get("succeeded", 0),
+                "submit_s": submit_s}
     finally:
         for p in workers:
             p.terminate()
@@ -281,6 +292,8 @@ def main() -> int:
                    "wall_s": round(out["wall_s"], 2), "calls": stats["requests"],
                    "http_429": stats["by_status"].get("429", 0),
                    "refused_by_limits": stats["refused_rpm"] + stats["refused_tpm"]}
+            if "submit_s" in out:
+                row["submit_s"] = round(out["submit_s"], 2)
             b = bound_s(w, 0.05)
             if b is not None:
                 row["bound_s"] = round(b, 2)
