@@ -174,6 +174,28 @@ def test_a_lost_settle_frees_the_entry_after_the_calls_deadline() -> None:
     assert (o.kind, round(o.wait_s, 3)) == (GRANTED, 0.5)
 
 
+def test_the_limiter_bounds_a_call_in_flight_by_its_providers_deadline() -> None:
+    """timeout_s 5 x deadline_factor 3 + 30 s of grace: a call never settled counts at
+    45 s; with its settle, at its reply."""
+    from batchroute.ratelimit import Limiter
+
+    from .test_ratelimit import FakeJob, _config
+
+    clock = Clock()
+    cfg = _config(provider="rpm = 1\nrate_window_s = 10")
+    lim = Limiter(cfg, MemoryBackend(clock), sleep=clock.sleep)
+    m, p = cfg.models["m"], cfg.providers["p"]
+    assert p.deadline_s == 15.0
+    assert not lim.acquire(m, p, FakeJob(1)).deferred  # never settled
+    clock.sleep(54.5)
+    g = lim.acquire(m, p, FakeJob(2))
+    assert not g.deferred and g.waited_s == pytest.approx(0.5, abs=1e-5)  # left at 55 s
+    clock.sleep(0.2)
+    lim.settle(g)  # its reply at 55.2 s
+    clock.sleep(9.5)
+    assert lim.acquire(m, p, FakeJob(3)).waited_s == pytest.approx(0.5, abs=1e-5)
+
+
 def test_a_short_window_retries_while_a_call_is_about_to_settle() -> None:
     clock = Clock()
     be = MemoryBackend(clock)
