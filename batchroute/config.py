@@ -48,10 +48,11 @@ class ProviderConfig:
     # The window rpm/tpm are counted over: 60 s at real providers; shorter only to test
     # against a simulator whose [simulator] window_s is shorter (batchroute.ratelimit).
     rate_window_s: float = 60.0
-    # How much later than our admission a request may reach the provider's counter (None:
-    # batchroute.ratelimit's 0.5 s). The pools count over rate_window_s plus this, so
-    # it costs margin/window of the allowance: 0.8% of a 60 s window, 5% of a 10 s one.
-    # Lower it only where the path to the provider is short and steady (a LAN gateway).
+    # The pools count a call until its reply came back (it reached the provider by then:
+    # strict whatever the delays), pacing at limit / (window + latency). Set, a call slower
+    # than this counts at admission + this instead: for calls long against the window
+    # (20 s replies on a 60 s window pace 25% slow uncapped), at the risk of 429s when a
+    # request reaches the provider later than this. None: no cap (batchroute.ratelimit).
     rate_safety_s: float | None = None
     # A reply is read streamed and ends `reply_too_large` past this many (decoded) bytes.
     max_reply_bytes: int = 16 * 1024 * 1024

@@ -213,17 +213,18 @@ def test_limits_in_the_config_are_checked() -> None:
 
 
 def test_a_provider_may_set_its_safety_margin() -> None:
-    """The margin is a share of the allowance (window + margin): 5% of a 10 s window at
-    the default 0.5 s; a provider on a short, steady path may lower it, and only there."""
+    """By default a settled call counts at its reply (strict whatever the delays); a
+    provider whose calls are long against its window may cap that, and only there."""
     from batchroute.config import ConfigError
 
     cfg = _config(provider="rpm = 100\nrate_safety_s = 0.1\n[providers.q]\n"
                            'base_url = "sim://"\nrpm = 100')
     lim = Limiter(cfg, MemoryBackend())
     scopes = lim.scopes(cfg.models["m"])
-    assert scopes and all(s.rpm and s.rpm.safety_s == 0.1 for s in scopes)
+    assert scopes and all(s.arrival_cap_s == 0.1 for s in scopes)
     other = replace(cfg.models["m"], name="mq", provider="q")
-    assert all(s.rpm and s.rpm.safety_s == DEFAULT_SAFETY_S for s in lim.scopes(other))
+    assert DEFAULT_SAFETY_S is None
+    assert all(s.arrival_cap_s is None for s in lim.scopes(other))
     assert cfg.providers["q"].rate_safety_s is None
     with pytest.raises(ConfigError):
         _config(provider="rate_safety_s = -0.1")
@@ -454,10 +455,11 @@ def test_redis_and_memory_backends_decide_alike(redis_url: str) -> None:
         assert (a.kind, a.reason, a.capped) == (b.kind, b.reason, b.capped)
         assert a.wait_s == pytest.approx(b.wait_s, abs=0.05)
         seen.append((a.kind, round(a.wait_s, 2)))
-    # the window's tokens at once, concurrency full, then turns: when the window frees up
-    # (60.2 s), the next behind it in the concurrency shadow (a slot per hold / 3)
+    # the window's tokens at once, concurrency full, then turns: when the window could
+    # free up (60 s, if the calls in flight settled now), the next behind it in the
+    # concurrency shadow (a slot per hold / 3)
     assert seen == [(GRANTED, 0.0), (GRANTED, 0.0), (GRANTED, 0.0), (RETRY, 0.33),
-                    (DEFER, 60.2), (DEFER, 60.53), (DEFER, 60.87)]
+                    (DEFER, 60.0), (DEFER, 60.33), (DEFER, 60.67)]
 
 
 @pytest.mark.integration
@@ -517,9 +519,10 @@ def test_embedded_run_stays_under_a_strict_simulators_limits(tmp_path: Path) -> 
     """In one process (memory backend) against the in-process sim: no 429s."""
     from batchroute.embedded import run_file
 
-    # Our window is 1.5 s against the simulator's 1 s: 1 s of margin for a CPU-starved CI
-    # box. Without the limiter 25 requests would go at once and 15 be refused.
-    cfg = parse_config(_toml(provider="rpm = 10\nrate_window_s = 1.5",
+    # Our window is the simulator's 1 s, no margin: each call counts until its reply, so
+    # no stall of a CPU-starved box can make it reach the simulator later than we assume.
+    # Without the limiter 25 requests would go at once and 15 be refused.
+    cfg = parse_config(_toml(provider="rpm = 10\nrate_window_s = 1.0",
                              simulator="rpm = 10\nwindow_s = 1.0\n[simulator.default]\n"
                                        "fail_rate = 0.0\nlatency_ms = 20"))
     started = time.monotonic()
@@ -551,9 +554,9 @@ base_url = "{sim.url}/v1"
 timeout_s = 10
 rpm = {rpm}
 tpm = 100000
-# 1 s more than the simulator's window (on top of the 0.5 s safety margin): under CPU
-# load a request may reach the simulator, or be counted by it, later than that.
-rate_window_s = {window + 1.0}
+# The simulator's window, no margin: a call counts until its reply (on Redis' clock),
+# so CPU load delaying it on its way to the simulator's counter cannot cause a 429.
+rate_window_s = {window}
 [models.m]
 provider = "rlpool"
 tier = 1

@@ -15,22 +15,26 @@ Modules, so the arithmetic is testable without Redis:
   and :class:`RedisBackend` (Lua, distributed), like dramatiq's rate-limit backends.
   Both run the same algorithm; the Lua is a line-by-line transcription;
 * ``limiter``: :class:`Limiter`, what the pipeline calls: :meth:`Limiter.acquire` right
-  before the provider call, :meth:`Limiter.settle` right after it (in a ``finally``);
+  before the provider call, :meth:`Limiter.settle` right after it (in a ``finally``: a
+  call holds its window entries until it settles);
 * ``feedback``: what the provider reports back (usage, rate-limit headers).
 
 **The whole allowance, strictly.** Providers (and our simulator) refuse a request when
 the last ``W`` seconds already hold ``L`` units, counted when the request arrives. A
-pool keeps the same sliding window over what it admitted, ``W + S`` long (``S``: the
-*safety margin*, how much later than our admission a request may reach the provider),
-so a fresh pool spends the window's full allowance at once and then paces exactly as
-the provider's window frees up, never exceeding it (proof in ``schedule``). The price
-of strictness is ``S / W`` of the allowance (under 1 % at S = 0.5 s on a minute).
+pool keeps the same sliding window, ``W`` long, over the *latest time each request may
+have arrived*: its admission plus its deadline while in flight, its reply's time once it
+settled (the reply proves it arrived). So a fresh pool spends the window's full
+allowance at once and then paces as the provider's window frees up, a call's latency
+behind it (``L / (W + latency)``: 0.5% at 50 ms on 10 s windows), and no stall between
+our admission and the provider's counter can cause a 429 (proof in ``schedule``; times
+on Redis' clock). A provider may cap the delay a call counts with (``rate_safety_s``):
+for calls long against the window, trading strictness for pace.
 
 **Reserve, then reconcile.** A call reserves ``prompt_tokens_est + max_tokens`` before
 it starts. After it, the charge becomes the provider's reported prompt tokens plus the
 ``max_tokens`` the request asked for (what OpenAI and the simulator count against TPM),
 or plus the reported completion tokens when the request set no cap; the difference
-corrects the request's entry in the window, at the time it was admitted (refund or
+corrects the request's entry in the window, where it is logged (refund or
 debt). With a cap the correction is only the prompt estimate's error, so strictness
 holds; without one the unused completion allowance comes back a call's latency later,
 which a strict provider counting only produced tokens could see as a brief overshoot.

@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import structlog
@@ -77,7 +77,7 @@ class Limiter:
     """Per-model pools from the routing config, checked through one backend."""
 
     def __init__(self, config: Config, backend: Backend, *,
-                 safety_s: float = DEFAULT_SAFETY_S, horizon_s: float = SLEEP_HORIZON_S,
+                 safety_s: float | None = DEFAULT_SAFETY_S, horizon_s: float = SLEEP_HORIZON_S,
                  max_defer_s: float = MAX_DEFER_S,
                  token_burst_fraction: float = TOKEN_BURST_FRACTION,
                  sleep: Callable[[float], None] = time.sleep,
@@ -143,7 +143,8 @@ class Limiter:
         ids = {"batch_id": job.batch_id, "job_id": job.id}
         req = Request(cost=cost, holder=holder, lease_s=provider.timeout_s + LEASE_GRACE_S,
                       horizon_s=self.horizon_s, max_defer_s=self.max_defer_s,
-                      job_key=f"{job.id}:{job.attempt_no}")
+                      job_key=f"{job.id}:{job.attempt_no}",
+                      bound_s=provider.deadline_s + LEASE_GRACE_S)
         waited = 0.0
         while True:
             out = self.backend.acquire(scopes, req)
@@ -159,8 +160,7 @@ class Limiter:
                 self._sleep(pause)
                 waited += pause
                 if waited >= self.horizon_s:
-                    req = Request(cost, holder, req.lease_s, req.horizon_s, req.max_defer_s,
-                                  defer_only=True, job_key=req.job_key)
+                    req = replace(req, defer_only=True)
                 continue
             if out.capped:
                 countdown = self.max_defer_s * (0.5 + 0.5 * self._rng())
@@ -172,9 +172,12 @@ class Limiter:
 
     def settle(self, grant: Grant, completion: Completion | None = None,
                error: ProviderError | None = None) -> None:
-        """Reconcile the reservation with the provider's usage, release the concurrency
-        slot and feed the provider's 429s and rate-limit headers back into the pool.
-        Never raises: a lost settle costs at most one lease and one reservation."""
+        """Reconcile the reservation with the provider's usage, log the call at its settle
+        time (it reached the provider by then: ``schedule``), release the concurrency slot
+        and feed the provider's 429s and rate-limit headers back into the pool. Call it
+        as soon as the reply is in: until then the call holds its window entries.
+        Never raises: a lost settle costs at most one lease and the entries' window
+        (the call's deadline plus a grace, plus the window)."""
         if not grant.scopes or grant.deferred:
             return
         delta, block_s = 0, 0.0

@@ -26,14 +26,16 @@ from batchroute.ratelimit.schedule import (
     TURN_KEPT_S,
     commit,
     earliest,
+    in_flight_until,
+    settled_at,
     window_start,
 )
 
 
 @dataclass
 class _Log:
-    """What a limit admitted within its window: [time, units, holder], sorted by time (a
-    grant may start up to a horizon in the future, so a few land before the last)."""
+    """What a limit admitted within its window: [time, units, holder], sorted by time, the
+    time being the latest the request may reach the provider (``schedule``)."""
 
     entries: deque[list[Any]] = field(default_factory=deque)
     total: float = 0.0
@@ -47,13 +49,24 @@ class _Log:
                 del self.by_holder[entry[2]]
 
     def add(self, at: float, units: float, holder: str) -> None:
-        entry = [at, units, holder]
+        self._insert([at, units, holder])
+        self.total += units
+
+    def _insert(self, entry: list[Any]) -> None:
         i = len(self.entries)
-        while i > 0 and self.entries[i - 1][0] > at:
+        while i > 0 and self.entries[i - 1][0] > entry[0]:
             i -= 1
         self.entries.insert(i, entry)
-        self.total += units
-        self.by_holder[holder] = entry
+        self.by_holder[entry[2]] = entry
+
+    def restamp(self, holder: str, now: float) -> None:
+        """The call settled at ``now``: it reached the provider by then."""
+        entry = self.by_holder.get(holder)
+        if entry is None or settled_at(entry[0], now) == entry[0]:
+            return
+        self.entries.remove(entry)
+        entry[0] = settled_at(entry[0], now)
+        self._insert(entry)
 
     def adjust(self, holder: str, delta: float) -> bool:
         """Correct an admitted entry to what the provider really counted (at the time it
@@ -66,9 +79,10 @@ class _Log:
         self.total += delta
         return True
 
-    def start(self, t0: float, cost: float, limit: int, span_s: float) -> float:
+    def start(self, t0: float, cost: float, limit: int, span_s: float,
+              clamp: float = math.inf) -> float:
         return window_start(((e[0], e[1]) for e in self.entries), self.total, t0, cost,
-                            limit, span_s)
+                            limit, span_s, clamp)
 
 
 @dataclass
@@ -118,7 +132,9 @@ class MemoryBackend:
             for st in states:
                 if st.block > t0:
                     t0, reason = st.block, "blocked"
-            start = t0
+            # start: safe to sleep until; soon: the earliest it could become safe, if the
+            # calls in flight settled now (what a job is put back for).
+            start = soon = t0
             for s, st in zip(scopes, states, strict=True):
                 for kind, rate, cost in limits_of(s, req.cost):
                     log = st.log(kind)
@@ -126,6 +142,7 @@ class MemoryBackend:
                     e = log.start(t0, cost, rate.limit, span(rate))
                     if e > start:
                         start, reason = e, ("rpm" if kind == "r" else "tpm")
+                    soon = max(soon, log.start(t0, cost, rate.limit, span(rate), now))
             if not req.defer_only and start - now <= req.horizon_s:
                 svc = 0.0
                 for s, st in zip(scopes, states, strict=True):
@@ -134,13 +151,16 @@ class MemoryBackend:
                 if svc:
                     return Outcome(RETRY, svc, "concurrency", now)
                 for s, st in zip(scopes, states, strict=True):
+                    logged = in_flight_until(start, s.arrival_cap_s, req.in_flight_s)
                     for kind, _rate, cost in limits_of(s, req.cost):
-                        st.log(kind).add(start, cost, req.holder)
+                        st.log(kind).add(logged, cost, req.holder)
                     if s.max_concurrency:
                         st.holders[req.holder] = start + req.lease_s
                     st.count(now, s.window_s, r=1, t=req.cost)
                 return Outcome(GRANTED, start - now, reason, now)
-            return self._defer(scopes, states, req, now, start, reason)
+            if not req.defer_only and soon - now <= req.horizon_s:
+                return Outcome(RETRY, soon - now, reason, now)  # a call about to settle
+            return self._defer(scopes, states, req, now, soon, reason)
 
     def _defer(self, scopes: Sequence[Scope], states: list[_ScopeState], req: Request,
                now: float, start: float, reason: str) -> Outcome:
@@ -176,6 +196,8 @@ class MemoryBackend:
             now = self.clock()
             for s, blk in zip(scopes, block, strict=True):
                 st = self._state(s)
+                for kind, _rate, _cost in limits_of(s, 0):
+                    st.log(kind).restamp(holder, now)
                 if s.tpm and delta and st.log("t").adjust(holder, delta):
                     st.count(now, s.window_s, t=delta)
                 if s.max_concurrency and st.holders.pop(holder, None) is not None \

@@ -27,6 +27,8 @@ class Scope:
     rpm: Rate | None = None
     tpm: Rate | None = None
     max_concurrency: int | None = None
+    # A settled call counts at min(reply, admission + this); None: at its reply (strict).
+    arrival_cap_s: float | None = None
 
     @property
     def limited(self) -> bool:
@@ -34,14 +36,16 @@ class Scope:
 
 
 def build_scope(name: str, key: str, window_s: float, rpm: int | None, tpm: int | None,
-                max_concurrency: int | None, safety_s: float = DEFAULT_SAFETY_S,
+                max_concurrency: int | None, safety_s: float | None = DEFAULT_SAFETY_S,
                 token_burst_fraction: float = TOKEN_BURST_FRACTION) -> Scope:
+    """``safety_s``: the scope's ``arrival_cap_s`` (``schedule``'s module docstring)."""
+    if safety_s is not None and safety_s < 0:
+        raise ValueError(f"safety_s must be >= 0, got {safety_s}")
     return Scope(
         name=name, key=key, window_s=window_s,
-        rpm=Rate(rpm, window_s, 1, safety_s) if rpm else None,
-        tpm=Rate(tpm, window_s, token_burst(tpm, token_burst_fraction), safety_s)
-        if tpm else None,
-        max_concurrency=max_concurrency or None)
+        rpm=Rate(rpm, window_s, 1) if rpm else None,
+        tpm=Rate(tpm, window_s, token_burst(tpm, token_burst_fraction)) if tpm else None,
+        max_concurrency=max_concurrency or None, arrival_cap_s=safety_s)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,13 @@ class Request:
     # schedule and came back before the window had room rejoins at the window's start
     # instead of queueing behind every job deferred since (which stretched the tail).
     job_key: str = ""
+    # The latest a call may still be running after its start (its deadline plus a grace);
+    # 0: lease_s. Its window entries count at start + this until it settles.
+    bound_s: float = 0.0
+
+    @property
+    def in_flight_s(self) -> float:
+        return self.bound_s or self.lease_s
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ def limits_of(scope: Scope, cost: int) -> list[tuple[str, Rate, int]]:
 
 
 def span(rate: Rate) -> float:
-    """The window a pool counts over: the provider's plus the safety margin."""
+    """The window a pool counts its logged arrival bounds over: the provider's."""
     return rate.window_s + rate.safety_s
 
 

@@ -2,7 +2,8 @@
 Redis server's clock, a line-by-line transcription of `batchroute.ratelimit.memory`.
 
 Keys (base ``batchroute:rl:{provider}[:model:<name>]``): ``:log:r`` / ``:log:t`` sorted
-sets of admitted holders scored by admission time, ``:cost:t`` their tokens, ``:sum:t``
+sets of admitted holders scored by the latest time each may reach the provider (``start +
+bound`` in flight, lowered to the settle time: ``schedule``), ``:cost:t`` their tokens, ``:sum:t``
 the tokens in the window, ``:v:*`` the shadow schedules, ``:conc`` the concurrency
 holders, ``:block``, ``:hold`` and ``:u:<second>`` usage counters.
 """
@@ -58,8 +59,9 @@ local function prune(base, kind, sp)
   end
   return total
 end
--- The earliest start >= t0 at which c more units fit in the window (memory.window_start).
-local function wstart(base, kind, total, t0, c, limit, sp)
+-- The earliest start >= t0 at which c more units fit in the window (memory.window_start);
+-- each logged time taken as at most clamp (now: calls in flight as if settled now).
+local function wstart(base, kind, total, t0, c, limit, sp, clamp)
   local need = total + c - limit
   if need <= 0 then return t0 end
   local lk = base .. ':log:' .. kind
@@ -67,7 +69,7 @@ local function wstart(base, kind, total, t0, c, limit, sp)
     local n = redis.call('ZCARD', lk)
     local idx = math.min(n, math.ceil(need)) - 1
     local e = redis.call('ZRANGE', lk, idx, idx, 'WITHSCORES')
-    return math.max(t0, tonumber(e[2]) + sp + 0.000001)
+    return math.max(t0, math.min(tonumber(e[2]), clamp) + sp + 0.000001)
   end
   local freed, latest, from = 0, -1e300, 0
   while true do
@@ -78,7 +80,7 @@ local function wstart(base, kind, total, t0, c, limit, sp)
     local costs = redis.call('HMGET', base .. ':cost:t', unpack(names))
     for i = 1, #names do
       freed = freed + (tonumber(costs[i]) or 0)
-      latest = math.max(latest, tonumber(e[2 * i]))
+      latest = math.max(latest, math.min(tonumber(e[2 * i]), clamp))
       if freed >= need then return math.max(t0, latest + sp + 0.000001) end
     end
     from = from + 100
@@ -87,11 +89,12 @@ local function wstart(base, kind, total, t0, c, limit, sp)
 end
 """
 
-# KEYS: scope bases. ARGV: per scope (rLimit, tLimit, span, cmax, window), then cost,
-# holder, lease, horizon, max_defer, defer_only, job_key, turn_kept. 0 limit/cmax: none.
+# KEYS: scope bases. ARGV: per scope (rLimit, tLimit, span, cmax, window, cap), then
+# cost, holder, lease, horizon, max_defer, defer_only, job_key, turn_kept, bound. 0
+# limit/cmax: none; cap < 0: none.
 _ACQUIRE = _LUA_COMMON + """
 local n = #KEYS
-local G = n * 5
+local G = n * 6
 local cost = tonumber(ARGV[G + 1])
 local holder = ARGV[G + 2]
 local lease = tonumber(ARGV[G + 3])
@@ -100,29 +103,34 @@ local max_defer = tonumber(ARGV[G + 5])
 local defer_only = ARGV[G + 6] == '1'
 local job_key = ARGV[G + 7]
 local turn_kept = tonumber(ARGV[G + 8])
+local bound = tonumber(ARGV[G + 9])
 local sc = {}
 local t0, reason = now, ''
 for i = 1, n do
-  local b = (i - 1) * 5
+  local b = (i - 1) * 6
   local s = {key = KEYS[i], rL = tonumber(ARGV[b + 1]), tL = tonumber(ARGV[b + 2]),
              sp = tonumber(ARGV[b + 3]), cmax = tonumber(ARGV[b + 4]),
-             win = tonumber(ARGV[b + 5])}
+             win = tonumber(ARGV[b + 5]), cap = tonumber(ARGV[b + 6])}
   local blocked = num(s.key .. ':block', 0)
   if blocked > t0 then t0 = blocked; reason = 'blocked' end
   if s.rL > 0 then s.tot_r = prune(s.key, 'r', s.sp) end
   if s.tL > 0 then s.tot_t = prune(s.key, 't', s.sp) end
   sc[i] = s
 end
-local start = t0
+-- start: safe to sleep until; soon: the earliest it could become safe, if the calls in
+-- flight settled now (what a job is put back for).
+local start, soon = t0, t0
 for i = 1, n do
   local s = sc[i]
   if s.rL > 0 then
-    local e = wstart(s.key, 'r', s.tot_r, t0, 1, s.rL, s.sp)
+    local e = wstart(s.key, 'r', s.tot_r, t0, 1, s.rL, s.sp, math.huge)
     if e > start then start = e; reason = 'rpm' end
+    soon = math.max(soon, wstart(s.key, 'r', s.tot_r, t0, 1, s.rL, s.sp, now))
   end
   if s.tL > 0 then
-    local e = wstart(s.key, 't', s.tot_t, t0, cost, s.tL, s.sp)
+    local e = wstart(s.key, 't', s.tot_t, t0, cost, s.tL, s.sp, math.huge)
     if e > start then start = e; reason = 'tpm' end
+    soon = math.max(soon, wstart(s.key, 't', s.tot_t, t0, cost, s.tL, s.sp, now))
   end
 end
 if (not defer_only) and start - now <= horizon then
@@ -140,13 +148,15 @@ if (not defer_only) and start - now <= horizon then
   if svc > 0 then return {'retry', fmt(svc), 'concurrency', fmt(now), '0'} end
   for i = 1, n do
     local s = sc[i]
-    local ttl = math.ceil(s.sp + horizon) + 5
+    local logged = start + bound
+    if s.cap >= 0 then logged = start + math.min(s.cap, bound) end
+    local ttl = math.ceil(logged - now + s.sp) + 5
     if s.rL > 0 then
-      redis.call('ZADD', s.key .. ':log:r', start, holder)
+      redis.call('ZADD', s.key .. ':log:r', fmt(logged), holder)
       redis.call('EXPIRE', s.key .. ':log:r', ttl)
     end
     if s.tL > 0 then
-      redis.call('ZADD', s.key .. ':log:t', start, holder)
+      redis.call('ZADD', s.key .. ':log:t', fmt(logged), holder)
       redis.call('HSET', s.key .. ':cost:t', holder, cost)
       redis.call('SET', s.key .. ':sum:t', fmt(s.tot_t + cost))
       for _, k in ipairs({':log:t', ':cost:t', ':sum:t'}) do
@@ -162,6 +172,10 @@ if (not defer_only) and start - now <= horizon then
   end
   return {'granted', fmt(start - now), reason, fmt(now), '0'}
 end
+if (not defer_only) and soon - now <= horizon then  -- a call about to settle
+  return {'retry', fmt(soon - now), reason, fmt(now), '0'}
+end
+start = soon
 if reason == '' then reason = 'concurrency' end
 -- Deferred again after its turn (it came back before the window had room): rejoin.
 local tkey = KEYS[1] .. ':turned:' .. job_key
@@ -216,19 +230,22 @@ end
 return {'defer', fmt(vstart - now), reason, fmt(now), c}
 """
 
-# KEYS: scope bases. ARGV: per scope (tLimit, cmax, block?, window), then holder, delta,
-# started_at, block_s.
+# KEYS: scope bases. ARGV: per scope (tLimit, cmax, block?, window, rLimit), then holder,
+# delta, started_at, block_s.
 _SETTLE = _LUA_COMMON + """
 local n = #KEYS
-local G = n * 4
+local G = n * 5
 local holder = ARGV[G + 1]
 local delta = tonumber(ARGV[G + 2])
 local started = tonumber(ARGV[G + 3])
 local block_s = tonumber(ARGV[G + 4])
 for i = 1, n do
-  local b = (i - 1) * 4
+  local b = (i - 1) * 5
   local key, tL, cmax = KEYS[i], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local blk, win = ARGV[b + 3] == '1', tonumber(ARGV[b + 4])
+  local blk, win, rL = ARGV[b + 3] == '1', tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  -- Settled: it reached the provider by now (schedule.settled_at). LT: never later.
+  if rL > 0 then redis.call('ZADD', key .. ':log:r', 'XX', 'LT', fmt(now), holder) end
+  if tL > 0 then redis.call('ZADD', key .. ':log:t', 'XX', 'LT', fmt(now), holder) end
   if tL > 0 and delta ~= 0 then
     local old = redis.call('HGET', key .. ':cost:t', holder)
     if old then
@@ -296,10 +313,10 @@ class RedisBackend:
             rate = s.rpm or s.tpm
             args += [str(s.rpm.limit if s.rpm else 0), str(s.tpm.limit if s.tpm else 0),
                      _f(span(rate) if rate else s.window_s), str(s.max_concurrency or 0),
-                     _f(s.window_s)]
+                     _f(s.window_s), _f(-1.0 if s.arrival_cap_s is None else s.arrival_cap_s)]
         args += [str(req.cost), req.holder, _f(req.lease_s), _f(req.horizon_s),
                  _f(req.max_defer_s), "1" if req.defer_only else "0", req.job_key,
-                 _f(TURN_KEPT_S)]
+                 _f(TURN_KEPT_S), _f(req.in_flight_s)]
         kind, wait, reason, now, capped = (
             x.decode() if isinstance(x, bytes) else str(x)
             for x in self._acquire(keys=[s.key for s in scopes], args=args))
@@ -310,7 +327,7 @@ class RedisBackend:
         args: list[str] = []
         for s, blk in zip(scopes, block, strict=True):
             args += [str(s.tpm.limit if s.tpm else 0), str(s.max_concurrency or 0),
-                     "1" if blk else "0", _f(s.window_s)]
+                     "1" if blk else "0", _f(s.window_s), str(s.rpm.limit if s.rpm else 0)]
         args += [holder, str(int(delta)), _f(started_at), _f(block_s)]
         self._settle(keys=[s.key for s in scopes], args=args)
 

@@ -3,18 +3,32 @@ that wait for it. No I/O, no clock: every function takes `now`.
 
 **Admission: the provider's own window.** A provider (and our simulator) refuses a
 request when the last ``W`` seconds already hold ``L`` units, counted when the request
-*arrives*. A pool keeps the same log, of what it admitted and when, over a window of
-``W + S`` (``S``, the safety margin: how much later than our admission a request may
-reach the provider). It admits a request when that log plus the request stays within
-``L``: so a fresh pool spends the window's whole allowance at once, and then keeps
-pace exactly as the window frees up. Strict: a provider window ``(x - W, x]`` only holds
-requests we admitted in ``(x - W - S, x]``, which our check kept within ``L`` (take the
-latest admission ``t`` in it: all the others lie in ``(t - W - S, t]``).
+*arrives*. We never see that instant, but we know bounds of it: a request arrives after
+our admission ``a`` and before its reply (or error) comes back at ``c``. So a pool logs
+each request at the *latest time it may have arrived*: ``a + B`` while it is in flight
+(``B``: the call's deadline plus a grace, :func:`in_flight_until`: a lost settle costs
+that long), then, when it settles, ``min(c, a + cap)`` (:func:`settled_at`; ``cap`` is
+``None`` unless a provider sets one). It admits a request when the entries logged in the
+last ``W`` seconds, plus the request, stay within ``L``: so a fresh pool spends the
+window's whole allowance at once, and then keeps pace as the window frees up, at about
+``L / (W + latency)``.
+
+Strict, whatever the delays (without a cap): take any provider window ``(x - W, x]``
+and, among the requests that arrived in it, the one admitted last, at ``a* <= x``. When
+it was admitted every other one was already admitted; each was either in flight (logged
+at ``a + B``, later than anything leaving) or settled at ``c >= arrival > x - W >= a* - W``:
+still in our window. Our check kept all of them plus it within ``L``. A ``cap`` gives
+that up for calls slower than ``cap`` (they count at ``a + cap``, the old fixed margin),
+for providers whose calls are long against their window (``W + latency`` paces slower).
+
+Waits are computed twice: :func:`window_start` over the logged times gives a start that
+is safe to sleep until; with ``clamp = now`` (an in-flight call assumed to settle at
+once) it gives the earliest start that could become safe, to put a job back for.
 
 **Waiting: a shadow schedule.** Jobs that must wait longer than a worker sleeps are put
 back on the queue with a countdown. The countdown is the job's turn in a shadow schedule
 that only waiting jobs advance: a bucket of a whole window's allowance refilled at
-``L / (W + S)``, starting when the real window frees up. So a crowd of waiting jobs comes
+``L / W``, starting when the real window could free up. So a crowd of waiting jobs comes
 back spread over their turns, a window's worth at a time, instead of all at once.
 
 (``Rate``, ``earliest`` and ``commit`` are the GCRA both use for the shadow schedule.)
@@ -28,8 +42,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 KEY_PREFIX = "batchroute:rl:"
-DEFAULT_SAFETY_S = 0.5
-"""Margin for the delay between our admission and the provider counting the request."""
+DEFAULT_SAFETY_S: float | None = None
+"""Default cap of admission-to-arrival delay a settled call counts with (None: until its
+reply, strict whatever the delays; a provider sets one with ``rate_safety_s``)."""
 SLEEP_HORIZON_S = 1.0
 """Longest wait a worker sleeps through; longer waits put the job back on the queue."""
 MAX_DEFER_S = 300.0
@@ -64,7 +79,8 @@ class Schedule(Protocol):
 @dataclass(frozen=True)
 class Rate:
     """``limit`` units per ``window_s`` as GCRA parameters, strict under a sliding window
-    whose requests arrive up to ``safety_s`` late (module docstring)."""
+    whose requests arrive up to ``safety_s`` late (the pools log arrival bounds instead,
+    and build theirs with ``safety_s = 0``)."""
 
     limit: int
     window_s: float = 60.0
@@ -135,14 +151,15 @@ class Pace:
 
 
 def window_start(entries: Iterable[tuple[float, float]], total: float, t0: float, cost: float,
-                 limit: int, span: float) -> float:
+                 limit: int, span: float, clamp: float = math.inf) -> float:
     """The earliest time ``>= t0`` at which ``cost`` more units keep the sliding window
     of ``span`` seconds within ``limit``, if nothing else is admitted meanwhile.
 
-    ``entries`` are the admitted ``(time, units)`` in admission order (times ascending
-    but for a few granted slightly in the future), ``total`` their sum. The entries are
-    walked oldest first until enough units would have left; the answer is when the
-    latest of those leaves. A request bigger than ``limit`` waits for an empty window.
+    ``entries`` are the logged ``(time, units)``, times ascending, ``total`` their sum.
+    The entries are walked oldest first until enough units would have left; the answer
+    is when the latest of those leaves. A request bigger than ``limit`` waits for an
+    empty window. ``clamp`` takes each time as at most ``clamp``: with ``now``, calls in
+    flight count as if they settled now (an estimate, not a safe start).
     """
     need = total + cost - limit
     if need <= 0:
@@ -150,9 +167,21 @@ def window_start(entries: Iterable[tuple[float, float]], total: float, t0: float
     freed, latest = 0.0, -math.inf
     for at, units in entries:
         freed += units
-        latest = max(latest, at)
+        latest = max(latest, min(at, clamp))
         if freed >= need:
             break
     # 1 us past the edge: the provider drops an entry exactly `span` old, and clocks and
     # Redis keep microseconds, so at the edge float rounding could land on either side.
     return max(t0, latest + span + EDGE_S)
+
+
+def in_flight_until(start: float, cap: float | None, bound_s: float) -> float:
+    """What a call admitted at ``start`` is logged at until it settles: the latest it may
+    reach the provider. ``bound_s``: the call's deadline plus a grace (a worker that died
+    mid-call never settles; its entry then leaves ``bound_s + W`` after ``start``)."""
+    return start + (bound_s if cap is None else min(cap, bound_s))
+
+
+def settled_at(logged: float, now: float) -> float:
+    """A settled call's entry: it reached the provider before its reply came back."""
+    return min(logged, now)
