@@ -12,7 +12,6 @@ from __future__ import annotations
 from batchroute.store.access import Store
 from batchroute.store.engine import (
     DEFAULT_DATABASE_URL,
-    PING_AFTER_IDLE_S,
     _engines,
     _engines_lock,
     autocommit_engine,
@@ -42,7 +41,7 @@ from batchroute.store.tables import (
 
 __all__ = [
     "BATCHED", "CANCELLED", "DEFAULT_DATABASE_URL", "DEFAULT_LEASE_S", "FAILED", "FINISHED",
-    "LOST", "PING_AFTER_IDLE_S", "QUEUED", "RUNNING", "SUCCEEDED", "Attempt", "Batch", "Job",
+    "LOST", "QUEUED", "RUNNING", "SUCCEEDED", "Attempt", "Batch", "Job",
     "LineError", "Move", "ProviderBatch", "Store", "_engines", "_engines_lock",
     "autocommit_engine", "database_url", "engine_url", "get_engine", "lease_seconds", "utcnow",
 ]
