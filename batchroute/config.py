@@ -49,10 +49,11 @@ class ProviderConfig:
     # against a simulator whose [simulator] window_s is shorter (batchroute.ratelimit).
     rate_window_s: float = 60.0
     # The pools count a call until its reply came back (it reached the provider by then:
-    # strict whatever the delays), pacing at limit / (window + latency). Set, a call slower
-    # than this counts at admission + this instead: for calls long against the window
-    # (20 s replies on a 60 s window pace 25% slow uncapped), at the risk of 429s when a
-    # request reaches the provider later than this. None: no cap (batchroute.ratelimit).
+    # strict), pacing at limit / (window + latency); a call slower than this counts at
+    # admission + this instead (20 s replies on a 60 s window would pace 25% slow), at the
+    # risk of a 429 when a request reaches the provider later than this. None: the
+    # default, 2 s (batchroute.ratelimit); a large value (3600) counts every call until
+    # its reply, strict whatever the delays.
     rate_safety_s: float | None = None
     # A reply is read streamed and ends `reply_too_large` past this many (decoded) bytes.
     max_reply_bytes: int = 16 * 1024 * 1024

@@ -115,7 +115,7 @@ def write_jobs(path: Path, w: Workload) -> None:
 
 
 # --safety: providers.<p>.rate_safety_s, a cap on the admission-to-arrival delay a call
-# counts with (None: the default, no cap: a call counts until its reply).
+# counts with (None: the pools' default cap of 2 s; 50 ms calls count until their reply).
 SAFETY_S: float | None = None
 
 
@@ -268,7 +268,7 @@ def main() -> int:
     ap.add_argument("--systems", default="batchroute,litellm,sdk")
     ap.add_argument("--celery", action="store_true", help="also 2 Celery workers")
     ap.add_argument("--safety", type=float, default=None,
-                    help="batchroute's rate_safety_s (default: none, strict)")
+                    help="batchroute's rate_safety_s (default: the pools' 2 s cap)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     global SAFETY_S

@@ -213,8 +213,9 @@ def test_limits_in_the_config_are_checked() -> None:
 
 
 def test_a_provider_may_set_its_safety_margin() -> None:
-    """By default a settled call counts at its reply (strict whatever the delays); a
-    provider whose calls are long against its window may cap that, and only there."""
+    """By default a call counts until its reply, or admission + 2 s if it is slower (long
+    calls pace at the window + 2 s, not + their latency); a provider may set its own
+    cap, and only there."""
     from batchroute.config import ConfigError
 
     cfg = _config(provider="rpm = 100\nrate_safety_s = 0.1\n[providers.q]\n"
@@ -223,8 +224,8 @@ def test_a_provider_may_set_its_safety_margin() -> None:
     scopes = lim.scopes(cfg.models["m"])
     assert scopes and all(s.arrival_cap_s == 0.1 for s in scopes)
     other = replace(cfg.models["m"], name="mq", provider="q")
-    assert DEFAULT_SAFETY_S is None
-    assert all(s.arrival_cap_s is None for s in lim.scopes(other))
+    assert DEFAULT_SAFETY_S == 2.0
+    assert all(s.arrival_cap_s == 2.0 for s in lim.scopes(other))
     assert cfg.providers["q"].rate_safety_s is None
     with pytest.raises(ConfigError):
         _config(provider="rate_safety_s = -0.1")

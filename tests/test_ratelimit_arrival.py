@@ -24,7 +24,7 @@ from batchroute.ratelimit import (
     build_scope,
     window_start,
 )
-from batchroute.ratelimit.schedule import in_flight_until, settled_at
+from batchroute.ratelimit.schedule import DEFAULT_SAFETY_S, in_flight_until, settled_at
 from batchroute.sim.limits import Limit, RateLimiter
 
 from .test_ratelimit import Clock
@@ -108,7 +108,7 @@ def _stalls(rng: random.Random) -> float:
 def test_no_stall_makes_a_strict_provider_refuse(rpm: int | None, tpm: int | None,
                                                  window: float) -> None:
     rng = random.Random(11)
-    scope = build_scope("p", "k", window, rpm, tpm, None)  # the default: no cap
+    scope = build_scope("p", "k", window, rpm, tpm, None, safety_s=None)  # uncapped: strict
     costs = [rng.randint(20, 200) for _ in range(2000)]
     arrivals = _run_calls(scope, costs, rng, _stalls, lambda r: r.random() < 0.5)
     assert _refused(arrivals, window, rpm, tpm) == 0
@@ -116,7 +116,7 @@ def test_no_stall_makes_a_strict_provider_refuse(rpm: int | None, tpm: int | Non
 
 def test_a_capped_margin_is_what_stalls_break() -> None:
     """The same calls with the old fixed 0.5 s margin (a provider's rate_safety_s):
-    stalls longer than it get refused. What the default structurally avoids."""
+    stalls longer than it get refused. What an uncapped pool structurally avoids."""
     rng = random.Random(11)
     scope = build_scope("p", "k", 10.0, 100, 10000, None, safety_s=0.5)
     costs = [rng.randint(20, 200) for _ in range(2000)]
@@ -141,12 +141,18 @@ def test_pace_is_the_window_plus_the_latency() -> None:
     assert last_start(0.5, 0.05) == pytest.approx(9 * 10.05, abs=1e-3)
     assert last_start(None, 1.0) == pytest.approx(9 * 11.0, abs=1e-3)
     assert last_start(0.5, 1.0) == pytest.approx(9 * 10.5, abs=1e-3)
+    # Long LLM calls: uncapped they would pace a whole reply behind the window (20 s
+    # calls: 9 of 30 s); the default cap counts them at admission + 2 s (9 of 12 s).
+    assert last_start(None, 20.0) == pytest.approx(9 * 30.0, abs=1e-3)
+    assert last_start(DEFAULT_SAFETY_S, 20.0) == pytest.approx(9 * 12.0, abs=1e-3)
+    assert DEFAULT_SAFETY_S == 2.0  # and fast calls still count until their reply:
+    assert last_start(DEFAULT_SAFETY_S, 0.05) == pytest.approx(9 * 10.05, abs=1e-3)
 
 
 def test_a_call_in_flight_holds_its_entry_until_it_settles() -> None:
     clock = Clock()
     be = MemoryBackend(clock)
-    s = [build_scope("p", "k", 10.0, 2, None, None)]
+    s = [build_scope("p", "k", 10.0, 2, None, None, safety_s=None)]
     for h in ("a", "b"):
         assert be.acquire(s, Request(1, h, 30.0, bound_s=60.0)).kind == GRANTED
     clock.sleep(0.1)
@@ -167,7 +173,7 @@ def test_a_call_in_flight_holds_its_entry_until_it_settles() -> None:
 def test_a_lost_settle_frees_the_entry_after_the_calls_deadline() -> None:
     clock = Clock()
     be = MemoryBackend(clock)
-    s = [build_scope("p", "k", 10.0, 1, None, None)]
+    s = [build_scope("p", "k", 10.0, 1, None, None, safety_s=None)]
     assert be.acquire(s, Request(1, "lost", 30.0, bound_s=60.0)).kind == GRANTED
     clock.sleep(69.5)  # its worker died: no settle; logged at 60 s, gone at 70 s
     o = be.acquire(s, Request(1, "next", 30.0, bound_s=60.0))
@@ -183,7 +189,7 @@ def test_the_limiter_bounds_a_call_in_flight_by_its_providers_deadline() -> None
 
     clock = Clock()
     cfg = _config(provider="rpm = 1\nrate_window_s = 10")
-    lim = Limiter(cfg, MemoryBackend(clock), sleep=clock.sleep)
+    lim = Limiter(cfg, MemoryBackend(clock), sleep=clock.sleep, safety_s=None)
     m, p = cfg.models["m"], cfg.providers["p"]
     assert p.deadline_s == 15.0
     assert not lim.acquire(m, p, FakeJob(1)).deferred  # never settled
@@ -199,7 +205,7 @@ def test_the_limiter_bounds_a_call_in_flight_by_its_providers_deadline() -> None
 def test_a_short_window_retries_while_a_call_is_about_to_settle() -> None:
     clock = Clock()
     be = MemoryBackend(clock)
-    s = [build_scope("p", "k", 0.5, 1, None, None)]
+    s = [build_scope("p", "k", 0.5, 1, None, None, safety_s=None)]
     assert be.acquire(s, Request(1, "a", 30.0, bound_s=60.0)).kind == GRANTED
     o = be.acquire(s, Request(1, "b", 30.0, bound_s=60.0, horizon_s=1.0))
     assert (o.kind, o.reason) == (RETRY, "rpm")  # could be safe within a worker's sleep
@@ -214,8 +220,9 @@ def test_redis_and_memory_backends_settle_alike(redis_url: str) -> None:
 
     import redis
 
-    scopes = [build_scope("s", "batchroute:rl:{s}", 2.0, 2, 300, None),
-              build_scope("s/m", "batchroute:rl:{s}:model:m", 2.0, None, 100, None)]
+    scopes = [build_scope("s", "batchroute:rl:{s}", 2.0, 2, 300, None, safety_s=None),
+              build_scope("s/m", "batchroute:rl:{s}:model:m", 2.0, None, 100, None,
+                          safety_s=None)]
     red = RedisBackend(redis.Redis.from_url(redis_url))
     clock = Clock()
     mem = MemoryBackend(clock)

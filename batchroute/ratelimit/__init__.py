@@ -27,8 +27,10 @@ settled (the reply proves it arrived). So a fresh pool spends the window's full
 allowance at once and then paces as the provider's window frees up, a call's latency
 behind it (``L / (W + latency)``: 0.5% at 50 ms on 10 s windows), and no stall between
 our admission and the provider's counter can cause a 429 (proof in ``schedule``; times
-on Redis' clock). A provider may cap the delay a call counts with (``rate_safety_s``):
-for calls long against the window, trading strictness for pace.
+on Redis' clock). The delay a call counts with is capped (``rate_safety_s``, default
+2 s): calls slower than that count at admission + 2 s, so long calls do not pace a
+call's latency behind the window; strictness then holds for requests that reach the
+provider within 2 s of their admission.
 
 **Reserve, then reconcile.** A call reserves ``prompt_tokens_est + max_tokens`` before
 it starts. After it, the charge becomes the provider's reported prompt tokens plus the
