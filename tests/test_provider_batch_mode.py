@@ -540,3 +540,31 @@ def test_no_provider_batch_is_started_past_the_deadline(sim: Any, tmp_path: Path
         assert sum(counts.get(x, 0) for x in FINISHED) == 6, counts
         assert not s.batches("openai")  # nothing was sent to the batch API
         assert not any(BATCH_FLAG in (a.flags or "") for a in store.attempts(batch_id))
+
+
+@pytest.mark.integration
+def test_a_failing_step_leaves_the_tick_and_the_run_standing(
+        sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that raises (the store briefly unreachable, say) is logged; the row is
+    released, the tick returns, and the next tick does the step again."""
+    s = sim()
+    store = Store()
+    with ingested(s, store, make_batch(tmp_path / "b.jsonl", 6)) as (rt, batch_id):
+        real_poll = runner._poll
+        failures: list[int] = []
+
+        def flaky_poll(*args: Any) -> None:
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("database is locked")
+            real_poll(*args)
+
+        monkeypatch.setattr(runner, "_poll", flaky_poll)
+        assert runner.tick(rt).submitted == 1
+        time.sleep(0.25)
+        runner.tick(rt)  # the poll raises: logged, the tick returns
+        assert failures and spb.of_batch(store, batch_id)[0].lease_until is None
+        wait_for(lambda: (runner.tick(rt), not runner.pending(rt, batch_id))[1]
+                 and rt.dispatcher.join(timeout=0.1), 30, "the batch to finish")  # type: ignore[attr-defined]
+        counts = store.state_counts(batch_id)
+        assert sum(counts.get(x, 0) for x in FINISHED) == 6, counts

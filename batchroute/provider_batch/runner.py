@@ -76,7 +76,10 @@ class TickReport:
 def tick(rt: Runtime) -> TickReport:
     """Every provider-batch step that is due now (see the module docstring)."""
     report = TickReport()
-    _gather(rt, report)
+    try:
+        _gather(rt, report)
+    except Exception:  # a database hiccup: the jobs stay waiting for the next tick
+        log.exception("provider_batch_gather_failed")
     now = utcnow()
     for pb in spb.due(rt.store, now):
         if not spb.lease(rt.store, pb, now, rt.config.provider_batch.lease_s):
@@ -95,20 +98,19 @@ def tick(rt: Runtime) -> TickReport:
                 # answers are not collected: the provider may bill them).
                 _send_all_sync(rt, pb, f"batch API unreachable at the deadline: {e.message}")
                 spb.set_fields(rt.store, pb.id, state="abandoned", ended_at=utcnow())
+        except Exception:  # e.g. the store briefly unreachable: every step runs again
+            plog.exception("provider_batch_step_failed", state=pb.state)
         finally:
-            spb.set_fields(rt.store, pb.id, lease_until=None)
+            try:
+                spb.set_fields(rt.store, pb.id, lease_until=None)
+            except Exception:  # the lease then lapses after lease_s
+                plog.warning("provider_batch_lease_kept", exc_info=True)
     return report
 
 
 def pending(rt: Runtime, batch_id: str) -> bool:
     """Whether a batch still has jobs waiting for or inside a provider batch."""
     return spb.batched_count(rt.store, batch_id) > 0
-
-
-def cancel(rt: Runtime, batch_id: str) -> int:
-    """Ask for the batch's open provider batches to be cancelled (the next tick calls the
-    APIs); its waiting jobs are cancelled by `recovery.cancel_batch` with the others."""
-    return spb.request_cancel(rt.store, batch_id)
 
 
 # ---- gather ------------------------------------------------------------------------------
