@@ -137,10 +137,7 @@ def provider_batches(store: Store, batch_id: str) -> dict[str, Any]:
     from batchroute.store import provider_batches as spb
 
     pbs = spb.of_batch(store, batch_id)
-    by_state: dict[str, int] = {}
-    for pb in pbs:
-        by_state[pb.state] = by_state.get(pb.state, 0) + 1
-    return {"count": len(pbs), "by_state": by_state, "open": [
+    return {**spb.summary(pbs), "open": [
         {"id": pb.id, "provider": pb.provider, "model": pb.model, "state": pb.state,
          "remote_id": pb.remote_id, "remote_status": pb.remote_status, "jobs": pb.jobs,
          "counts": pb.counts, "note": pb.note}

@@ -23,7 +23,7 @@ from batchroute.recovery import reclaim_for_local_run
 from batchroute.reports import batch_report
 from batchroute.results import WriteSummary, write_results
 from batchroute.runtime import Runtime
-from batchroute.store import Store
+from batchroute.store import BATCHED, Store
 
 # How often the run loop looks at its provider batches while nothing else runs (each is
 # still polled only every [provider_batch] poll_s).
@@ -65,15 +65,17 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
         batch_api = any(config.uses_batch_api(m) for m in config.models.values())
         while True:
             idle = dispatcher.join(timeout=0.25)
-            if batch_api and batch_api_runner.pending(rt, ingest.batch_id):
+            counts = (store.state_counts(ingest.batch_id)
+                      if batch_api or on_progress is not None else {})
+            if on_progress is not None:
+                on_progress(counts)
+            if counts.get(BATCHED, 0):
                 # Jobs wait in provider batches: this loop is their beat.
                 batch_api_runner.tick(rt)
                 if idle:
                     time.sleep(PROVIDER_BATCH_TICK_S)
             elif idle:
                 break
-            if on_progress is not None:
-                on_progress(store.state_counts(ingest.batch_id))
         if dispatcher.errors:
             raise RuntimeError(f"{len(dispatcher.errors)} job(s) crashed; first: "
                                f"{dispatcher.errors[0]!r}") from dispatcher.errors[0]

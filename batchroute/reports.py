@@ -8,7 +8,7 @@ priced from the same tokens.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any
 
 from batchroute.adaptive import cascade_report
@@ -175,11 +175,8 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
         "unpriced_reference_jobs": unpriced,
         "budget_usd": batch.budget_usd if batch else None,
     }
-    pbs = provider_batches.of_batch(store, batch_id)
-    report["provider_batches"] = {
-        "count": len(pbs), "requests": sum(p.jobs for p in pbs),
-        "by_state": dict(Counter(p.state for p in pbs)),
-        "by_status": dict(Counter(p.remote_status for p in pbs if p.remote_status))}
+    report["provider_batches"] = provider_batches.summary(
+        provider_batches.of_batch(store, batch_id))
     report["reuse"] = {"hits": len(reused), "within_batch": within,
                        "across_batches": len(reused) - within,
                        "saved_usd": round(reuse_saved, 8)}

@@ -88,10 +88,11 @@ def when_no_model(now: float, deadline: float, retry_in_s: float, waited: int,
 
 
 def deadline_at(created_at: datetime, deadline_s: float | None) -> datetime:
-    return _aware(created_at) + timedelta(seconds=deadline_s or DEFAULT_DEADLINE_S)
+    return aware(created_at) + timedelta(seconds=deadline_s or DEFAULT_DEADLINE_S)
 
 
-def _aware(t: datetime) -> datetime:
+def aware(t: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite hands datetimes back naive)."""
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
@@ -124,7 +125,7 @@ def _batch_facts(store: Any, batch_id: str) -> tuple[float, bool | None]:
     if batch is None:
         value = time.time() + DEFAULT_DEADLINE_S
     elif getattr(batch, "deadline_at", None) is not None:
-        value = _aware(batch.deadline_at).timestamp()
+        value = aware(batch.deadline_at).timestamp()
     else:
         value = deadline_at(batch.created_at, None).timestamp()
     with _cache_lock:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -96,8 +96,8 @@ def tick(rt: Runtime) -> TickReport:
                 # Past the deadline with the batch API unreachable: waiting stops; the
                 # jobs run synchronously (if the provider batch still answers, those
                 # answers are not collected: the provider may bill them).
-                _send_all_sync(rt, pb, f"batch API unreachable at the deadline: {e.message}")
-                spb.set_fields(rt.store, pb.id, state="abandoned", ended_at=utcnow())
+                _give_up(rt, pb, f"batch API unreachable at the deadline: {e.message}",
+                         state="abandoned")
         except Exception:  # e.g. the store briefly unreachable: every step runs again
             plog.exception("provider_batch_step_failed", state=pb.state)
         finally:
@@ -110,7 +110,7 @@ def tick(rt: Runtime) -> TickReport:
 
 def pending(rt: Runtime, batch_id: str) -> bool:
     """Whether a batch still has jobs waiting for or inside a provider batch."""
-    return spb.batched_count(rt.store, batch_id) > 0
+    return rt.store.state_counts(batch_id).get(BATCHED, 0) > 0
 
 
 # ---- gather ------------------------------------------------------------------------------
@@ -140,8 +140,7 @@ def _step(rt: Runtime, pb: ProviderBatch, report: TickReport, plog: Any) -> None
     model = rt.config.models.get(pb.model)
     if provider is None or model is None:
         plog.error("provider_batch_config_gone", model=pb.model)
-        _send_all_sync(rt, pb, f"model {pb.model!r} is no longer in the routing config")
-        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow())
+        _give_up(rt, pb, f"model {pb.model!r} is no longer in the routing config")
         return
     client = _client(rt, provider)
     if pb.state == "building":
@@ -177,9 +176,8 @@ def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: Mod
         return
     if time.time() >= waiting.batch_deadline(rt.store, pb.batch_id):
         # Waiting stops at the deadline: no provider batch is started past it.
-        _send_all_sync(rt, pb, "batch deadline reached before the provider batch was sent")
-        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
-                       note="deadline reached before submission")
+        _give_up(rt, pb, "batch deadline reached before the provider batch was sent",
+                 note="deadline reached before submission")
         return
     requests = [(formats.custom_id_for(j.id), model.api_model, request_for(rt, j, model)[1])
                 for j in jobs]
@@ -187,8 +185,7 @@ def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: Mod
         groups = formats.split_requests(provider.kind, requests)
     except formats.BatchTooLarge as e:  # one request alone is over the API's byte limit
         plog.warning("provider_batch_request_too_large", error=str(e))
-        _send_all_sync(rt, pb, f"too large for a provider batch: {e}")
-        spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow())
+        _give_up(rt, pb, f"too large for a provider batch: {e}")
         return
     keep = {cid for cid, _, _ in groups[0]}
     overflow = [j.id for j in jobs if formats.custom_id_for(j.id) not in keep]
@@ -209,9 +206,8 @@ def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: Mod
         if e.kind in (ErrorKind.INVALID_REQUEST, ErrorKind.AUTH):
             # Refused outright (nothing was created): the calls go out synchronously.
             plog.warning("provider_batch_refused", kind=e.kind.value, error=e.message[:300])
-            _send_all_sync(rt, pb, f"the provider refused the batch: {e.message[:200]}")
-            spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
-                           note=e.message[:300])
+            _give_up(rt, pb, f"the provider refused the batch: {e.message[:200]}",
+                     note=e.message[:300])
             return
         raise  # may or may not exist at the provider: the lookup decides, later
     now = utcnow()
@@ -225,11 +221,11 @@ def _submit(rt: Runtime, pb: ProviderBatch, provider: ProviderConfig, model: Mod
 def _recover_submission(rt: Runtime, pb: ProviderBatch, client: BatchClient,
                         report: TickReport, plog: Any) -> None:
     """A row left in "submitting": adopt the provider's batch if it exists, else resend."""
-    started = pb.submitting_at or pb.created_at
-    if utcnow() - _aware(started) < timedelta(seconds=rt.config.provider_batch.submit_timeout_s):
+    started = waiting.aware(pb.submitting_at or pb.created_at)
+    if utcnow() - started < timedelta(seconds=rt.config.provider_batch.submit_timeout_s):
         return  # its submitter may still be at it
     known = spb.remote_ids(rt.store, pb.provider)
-    found = _find_remote(client, pb, _aware(started), known)
+    found = _find_remote(client, pb, started, known)
     now = utcnow()
     if found is not None:
         spb.set_fields(rt.store, pb.id, state="submitted", remote_id=found, submitted_at=now,
@@ -264,17 +260,19 @@ def _poll(rt: Runtime, pb: ProviderBatch, client: BatchClient, model: ModelConfi
     deadline = waiting.batch_deadline(rt.store, pb.batch_id)
     status = client.poll(pb.remote_id)
     report.polled += 1
+    learnt: dict[str, Any] = {}
     if not status.ended and (pb.cancel_requested or time.time() >= deadline):
-        reason = "cancelled by the user" if pb.cancel_requested else "batch deadline reached"
+        learnt["note"] = ("cancelled by the user" if pb.cancel_requested
+                          else "batch deadline reached")
         if pb.remote_status not in ("cancelling", "canceling"):
             status = client.cancel(pb.remote_id)
-            plog.info("provider_batch_cancel_sent", reason=reason)
-        spb.set_fields(rt.store, pb.id, note=reason)
-    now = utcnow()
-    spb.set_fields(rt.store, pb.id, remote_status=status.status, counts=status.counts,
-                   next_poll_at=now + timedelta(seconds=rt.config.provider_batch.poll_s))
+            plog.info("provider_batch_cancel_sent", reason=learnt["note"])
     if status.ended:
-        spb.set_fields(rt.store, pb.id, state="collecting")
+        learnt["state"] = "collecting"
+    spb.set_fields(rt.store, pb.id, remote_status=status.status, counts=status.counts,
+                   next_poll_at=utcnow() + timedelta(seconds=rt.config.provider_batch.poll_s),
+                   **learnt)
+    if status.ended:
         _collect(rt, pb, status, client, model, report, plog)
 
 
@@ -286,23 +284,24 @@ def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchC
 
     content = client.results(status) if status.result_refs else b""
     everyone = spb.jobs_of(rt.store, pb.id, any_state=True)
-    by_cid = {formats.custom_id_for(j.id): j for j in everyone}
-    parsed = parse(client, content, list(by_cid))
+    cid_of = {job_id: cid for cid, job_id in formats.custom_ids(j.id for j in everyone).items()}
+    parsed = parse(client, content, list(cid_of.values()))
     if parsed.problems:
         plog.warning("provider_batch_result_problems", problems=parsed.problems[:10],
                      count=len(parsed.problems))
     claimed = spb.claim(rt.store, pb.id, [(j.id, j.attempt_no) for j in everyone
                                           if j.state == BATCHED])
     taken = {j.id for j in claimed}
-    took_s = (utcnow() - _aware(pb.submitted_at or pb.created_at)).total_seconds()
+    took_s = (utcnow() - waiting.aware(pb.submitted_at or pb.created_at)).total_seconds()
     writes = Writes(rt, defer=True)
     failed_batch = status.status == "failed"
+    answered = 0
     try:
         for job in claimed:
-            item = parsed.items.get(formats.custom_id_for(job.id))
+            item = parsed.items.get(cid_of[job.id])
             if item is not None and item.state in ("succeeded", "errored"):
                 _record(rt, job, model, item.completion, item.error, took_s, writes)
-                report.answered += 1
+                answered += 1
             else:
                 why = item.state if item is not None else (
                     "failed" if failed_batch else "missing from the results")
@@ -314,7 +313,7 @@ def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchC
         # Still holding its budget reservation: not yet settled (a rerun skips it).
         if job.id in taken or job.state != CANCELLED or "budget_hold" not in job.options:
             continue
-        item = parsed.items.get(formats.custom_id_for(job.id))
+        item = parsed.items.get(cid_of[job.id])
         if item is not None and item.completion is not None:  # answered (billed) anyway
             _record_discarded(rt, job, model, item.completion)
         else:
@@ -324,8 +323,9 @@ def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchC
     spb.set_fields(rt.store, pb.id, state="done", ended_at=utcnow(),
                    remote_status=status.status, counts=status.counts)
     report.collected += 1
+    report.answered += answered
     plog.info("provider_batch_collected", remote_id=pb.remote_id, status=status.status,
-              answered=sum(1 for j in claimed if j.id in parsed.items), jobs=len(everyone))
+              answered=answered, jobs=len(everyone))
 
 
 def _hold_of(job: Job) -> Hold:
@@ -333,11 +333,14 @@ def _hold_of(job: Job) -> Hold:
     return Hold(tuple((str(k), float(limit), float(amount)) for k, limit, amount in parts))
 
 
+def _drop_hold(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "budget_hold"}
+
+
 def _without_hold(job: Job) -> Job:
     """The job without its reservation note (a new object: rows are built with
     model_construct, which cannot be changed by setattr)."""
-    options = {k: v for k, v in job.options.items() if k != "budget_hold"}
-    return Job.model_construct(**(job.model_dump() | {"options": options}))
+    return Job.model_construct(**(job.model_dump() | {"options": _drop_hold(job.options)}))
 
 
 def _record(rt: Runtime, job: Job, model: ModelConfig, completion: Completion | None,
@@ -345,10 +348,10 @@ def _record(rt: Runtime, job: Job, model: ModelConfig, completion: Completion | 
     """One answered request: billed at the batch price, then the synchronous path's end."""
     from batchroute.pipeline import conclude, request_for
 
-    specs, _body = request_for(rt, job, model)
+    specs, body = request_for(rt, job, model)
     charge: billing.Bill | None = None
     if completion is not None:
-        charge = _charge(rt, job, model, completion)
+        charge = _charge(rt, job, model, completion, body)
         completion = replace(completion, usage=charge.usage, latency_s=took_s)
     rt.budget.settle(_hold_of(job), charge.cost_usd if charge is not None else 0.0)
     jlog = log.bind(batch_id=job.batch_id, job_id=job.id, custom_id=job.custom_id,
@@ -356,12 +359,15 @@ def _record(rt: Runtime, job: Job, model: ModelConfig, completion: Completion | 
     conclude(rt, _without_hold(job), model, specs, completion, error, charge, writes, jlog)
 
 
-def _charge(rt: Runtime, job: Job, model: ModelConfig, completion: Completion) -> billing.Bill:
+def _charge(rt: Runtime, job: Job, model: ModelConfig, completion: Completion,
+            body: dict[str, Any] | None = None) -> billing.Bill:
     """The reply's usage checked as for a synchronous call (believable, else recounted;
-    cost bounded by the reservation), priced at the batch price."""
+    cost bounded by the reservation), priced at the batch price. `body`: the request as
+    sent (`pipeline.request_for`), when the caller has it already."""
     from batchroute.pipeline import _max_cost, _max_out, request_for
 
-    body = request_for(rt, job, model)[1]
+    if body is None:
+        body = request_for(rt, job, model)[1]
     bill = billing.bill(model, completion, job.prompt_tokens_est, _max_out(body),
                         _max_cost(job, body, model))
     cost = batch_cost(model, bill.usage, rt.config.provider_of(model).batch_discount)
@@ -381,7 +387,7 @@ def _send_on(rt: Runtime, job: Job, pb: ProviderBatch, why: str, force_sync: boo
                                    "batch_unanswered": f"{why} (provider batch {pb.id})"[:300]}
     if where == SYNC:
         rt.budget.settle(_hold_of(job), 0.0)
-        options = {k: v for k, v in options.items() if k != "budget_hold"} | {"sync": True}
+        options = _drop_hold(options) | {"sync": True}
         if rt.store.transition(job.id, job.attempt_no, state=QUEUED, options=options,
                                provider_batch_id=None):
             rt.dispatcher.enqueue(job.id, job.attempt_no, rt.config.providers[job.provider].queue)
@@ -392,10 +398,15 @@ def _send_on(rt: Runtime, job: Job, pb: ProviderBatch, why: str, force_sync: boo
               sent_to="synchronous" if where == SYNC else "next provider batch")
 
 
-def _send_all_sync(rt: Runtime, pb: ProviderBatch, why: str) -> None:
+def _give_up(rt: Runtime, pb: ProviderBatch, why: str, note: str = "",
+             state: str = "done") -> None:
+    """The provider batch will not (or no longer) be waited for: every job it holds runs
+    synchronously, with `why` on it, and the row ends in `state`."""
     jobs = spb.claim(rt.store, pb.id, [(j.id, j.attempt_no) for j in spb.jobs_of(rt.store, pb.id)])
     for job in jobs:
         _send_on(rt, job, pb, why, force_sync=True, plog=log.bind(provider_batch=pb.id))
+    spb.set_fields(rt.store, pb.id, state=state, ended_at=utcnow(),
+                   **({"note": note} if note else {}))
 
 
 def _record_discarded(rt: Runtime, job: Job, model: ModelConfig,
@@ -416,20 +427,12 @@ def _record_discarded(rt: Runtime, job: Job, model: ModelConfig,
                          next_attempt=recorded)
 
 
-def _aware(t: datetime) -> datetime:
-    from datetime import UTC
-
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
 def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        from datetime import UTC
-
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
         try:
-            return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+            return waiting.aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
         except ValueError:
             return None
     return None

@@ -7,12 +7,13 @@ so two ticks working at once, or a tick and a `cancel`, never both move the same
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, tuple_, update
+from sqlalchemy import delete, or_, tuple_, update
 from sqlalchemy import select as sa_select
 
 from batchroute.store.access import Store
@@ -133,6 +134,14 @@ def get(store: Store, pb_id: str) -> ProviderBatch | None:
         return s.get(ProviderBatch, pb_id)
 
 
+def summary(pbs: list[ProviderBatch]) -> dict[str, Any]:
+    """A batch's provider batches counted (report and `status`): how many, how many
+    requests they held, by our state and by the provider's status."""
+    return {"count": len(pbs), "requests": sum(p.jobs for p in pbs),
+            "by_state": dict(Counter(p.state for p in pbs)),
+            "by_status": dict(Counter(p.remote_status for p in pbs if p.remote_status))}
+
+
 def of_batch(store: Store, batch_id: str) -> list[ProviderBatch]:
     with store.engine.connect() as conn:
         return [ProviderBatch.model_construct(**r._mapping) for r in conn.execute(
@@ -210,11 +219,3 @@ def claim(store: Store, pb_id: str, pairs: Sequence[tuple[str, int]]) -> list[Jo
                 .returning(*_JOBS.c)).all()
             out.extend(Job.model_construct(**r._mapping) for r in rows)
     return out
-
-
-def batched_count(store: Store, batch_id: str | None = None) -> int:
-    q = sa_select(_JOBS.c.id).where(_JOBS.c.state == BATCHED)
-    if batch_id is not None:
-        q = q.where(_JOBS.c.batch_id == batch_id)
-    with store.engine.connect() as conn:
-        return int(conn.execute(sa_select(func.count()).select_from(q.subquery())).scalar_one())
