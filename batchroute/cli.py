@@ -503,7 +503,7 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
 @click.option("--tolerance", default=0.003, show_default=True,
               help="Accuracy a policy may lose to the reference, out of fold, as a share "
                    "(0.003 = 0.3 points).")
-@click.option("--confidence", default=0.9, show_default=True,
+@click.option("--confidence", default=0.75, show_default=True,  # calibrate.DEFAULT_CONFIDENCE
               help="One-sided confidence of the paired lower bound a policy must clear.")
 @click.option("--agree/--no-agree", "try_agree", default=True, show_default=True,
               help="Let a rung keep its answer when it agrees with the rungs' below "

@@ -50,7 +50,7 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
               tolerance: float = cal.DEFAULT_TOLERANCE,
               confidence: float = cal.DEFAULT_CONFIDENCE) -> dict[str, Any]:
     configure_logging("WARNING")
-    dataset = convert_evaldata.DATASETS[name](convert_evaldata.data_dir(data_dir))
+    dataset = convert_evaldata.dataset(name)(convert_evaldata.data_dir(data_dir))
     train, test = convert_evaldata.split(dataset.records, seed, test_fraction)
     config = parse_config(convert_evaldata.routing_config(dataset))
     started = time.perf_counter()

@@ -50,7 +50,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,20 @@ def routerarena(root: Path) -> Dataset:
                    notes, str(base))
 
 
+def overruling_simulated(root: Path) -> Dataset:
+    """Simulated answers with FrugalGPT's recorded OVERRULING accuracies and prices
+    (``simulated_overruling.py``): not real answers, listed apart from the real data."""
+    import simulated_overruling as sim
+
+    recs, prices = sim.records(root)
+    recs = [replace(r, model="claude-3.5-sonnet") for r in recs]
+    checks = [NON_EMPTY, {"type": "choices", "choices": list(sim.LABELS)}]
+    return Dataset("overruling-simulated", "overruling", recs, prices, checks,
+                   ["SIMULATED answers (item-response model) reproducing FrugalGPT's "
+                    "recorded OVERRULING test accuracies and costs per query"],
+                   "frugalgpt/summary/summary_OVERRULING_e5_full_2024.csv")
+
+
 DATASETS: dict[str, Callable[[Path], Dataset]] = {
     "mot-date": mot_date,
     "routerbench-arc": lambda root: routerbench(root, "arc"),
@@ -318,6 +332,13 @@ DATASETS: dict[str, Callable[[Path], Dataset]] = {
     "routellm-mmlu": routellm_mmlu,
     "routerarena": routerarena,
 }
+# Not real answers: run only when named (calibration_eval.py --only overruling-simulated).
+SIMULATED: dict[str, Callable[[Path], Dataset]] = {"overruling-simulated": overruling_simulated}
+
+
+def dataset(name: str) -> Callable[[Path], Dataset]:
+    """The loader of a real dataset, or of the simulated one when named."""
+    return {**DATASETS, **SIMULATED}[name]
 
 
 # ------------------------------------------------------------------------------ output
@@ -371,7 +392,9 @@ def write_dataset(ds: Dataset, out: Path, seed: int = DEFAULT_SEED,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", help=f"datasets (default: all): {', '.join(DATASETS)}")
+    ap.add_argument("names", nargs="*",
+                    help=f"datasets (default: all): {', '.join(DATASETS)}; simulated, only "
+                         f"when named: {', '.join(SIMULATED)}")
     ap.add_argument("--out", type=Path, help="output directory (one folder per dataset)")
     ap.add_argument("--data-dir", help="evaldata directory (default $BATCHROUTE_EVALDATA, else "
                                        "../shared/evaldata)")
@@ -384,12 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
-    unknown = [n for n in args.names if n not in DATASETS]
+    unknown = [n for n in args.names if n not in DATASETS and n not in SIMULATED]
     if unknown:
         ap.error(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     root = data_dir(args.data_dir)
     for name in args.names or list(DATASETS):
-        info = write_dataset(DATASETS[name](root), args.out / name, args.seed,
+        info = write_dataset(dataset(name)(root), args.out / name, args.seed,
                              args.test_fraction)
         print(f"{name}: {info['records']} queries ({info['train']} train / {info['test']} "
               f"test), {len(info['models'])} models -> {args.out / name}", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batchroute import calibrate as cal
-from batchroute.calibrate.crossval import lower_bound
+from batchroute.calibrate.crossval import Setting, choose_setting, lower_bound
 from batchroute.completion import Completion, Usage
 from batchroute.config import parse_config
 from batchroute.pipeline import earlier_answers
@@ -133,6 +133,27 @@ def test_lower_bound_of_paired_differences() -> None:
     mean, low = lower_bound([1.0, -1.0] * 50, 0.9)
     assert mean == 0.0 and low == pytest.approx(-1.2816 * (100 / 99) ** 0.5 / 10, rel=1e-3)
     assert lower_bound([0.1] * 3 + [0.0], 0.99)[1] < lower_bound([0.1] * 3 + [0.0], 0.6)[1]
+
+
+def test_cross_validation_keeps_the_safest_of_the_nearly_cheapest_settings() -> None:
+    ref, edge, safe, dear, lost = (Setting(1, 0), Setting(3, 0), Setting(3, 0.01),
+                                   Setting(3, 0.02), Setting(2, 0))
+    # Total costs over 1,000 held-out answers; the reference alone costs 100.
+    scores = {ref: cal.Score(1000, 960, 100.0), edge: cal.Score(1000, 961, 8.5),
+              safe: cal.Score(1000, 970, 11.2), dear: cal.Score(1000, 975, 30.0),
+              lost: cal.Score(1000, 940, 5.0)}
+    paired = {ref: (0.0, 0.0), edge: (0.001, -0.002), safe: (0.010, 0.007),
+              dear: (0.015, 0.012), lost: (-0.02, -0.025)}
+    best = cal.Target.parse("best-accuracy")
+    # edge is the cheapest accepted; safe costs 2.7% of the reference more and has the
+    # higher bound; dear is 21.5% more: not "nearly cheapest"; lost is rejected.
+    assert choose_setting(list(scores), scores, paired, 100.0, best, 1000) == safe
+    assert choose_setting([ref, edge, dear], scores, paired, 100.0, best, 1000) == edge
+    assert choose_setting([ref, lost], scores, paired, 100.0, best, 1000) == ref
+    strict = cal.Target.parse("best-accuracy", tolerance=0.0)
+    assert choose_setting([edge, lost], scores, paired, 100.0, strict, 1000) == edge
+    budget = cal.Target.parse(None, max_cost_usd=0.0112)  # USD per query
+    assert choose_setting(list(scores), scores, paired, 100.0, budget, 1000) == safe
 
 
 def test_cross_validation_accepts_only_what_its_paired_bound_vouches_for() -> None:

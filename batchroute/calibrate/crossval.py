@@ -62,6 +62,13 @@ class CrossValidation:
 
 CV_MARGINS = (0.0, 0.005, 0.01, 0.02, 0.04)
 CV_REPEATS = 3
+# Among the accepted settings, those costing at most this share of the reference's cost
+# more than the cheapest are treated as equally cheap, and the one with the highest lower
+# bound is kept. The cheapest accepted setting is usually margin 0, whose final fit sits
+# right at the edge of the training data; a neighbour a few points dearer often carries a
+# far safer bound (simulated OVERRULING, seed 9: 91.5% saving at a lower bound of -0.05
+# points, which lost 1.94 points on its test half, against 88.8% at +0.79).
+NEAR_CHEAPEST = 0.05
 
 
 def _settings(target: Target, max_rungs: int) -> list[Setting]:
@@ -87,6 +94,30 @@ def lower_bound(diffs: Sequence[float], confidence: float) -> tuple[float, float
     return mean, mean - z * math.sqrt(var / n)
 
 
+def choose_setting(settings: Sequence[Setting], scores: dict[Setting, Score],
+                   paired: dict[Setting, tuple[float, float]], reference_cost: float,
+                   target: Target, total: int) -> Setting:
+    """The setting cross-validation keeps. A cost target: the most accurate within the
+    budget. Otherwise a setting is accepted when its paired lower bound clears
+    ``-target.tolerance``; of the accepted ones costing at most NEAR_CHEAPEST of the
+    reference's cost more than the cheapest, the one with the highest bound is kept.
+    Nothing accepted (the reference alone always is, when it is a setting): the
+    highest bound."""
+    if target.kind == "cost":
+        feasible = [s for s in settings if scores[s].cost_usd <= target.value * total + _EPS]
+        if feasible:
+            return max(feasible, key=lambda s: (scores[s].correct, -scores[s].cost_usd))
+    else:
+        feasible = [s for s in settings if paired[s][1] >= -target.tolerance - 1e-12]
+        if feasible:
+            cheapest = min(scores[s].cost_usd for s in feasible)
+            near = [s for s in feasible
+                    if scores[s].cost_usd <= cheapest + NEAR_CHEAPEST * reference_cost + _EPS]
+            return max(near, key=lambda s: (paired[s][1], -scores[s].cost_usd,
+                                            -s.max_rungs, -s.margin))
+    return max(settings, key=lambda s: (paired[s][1], -scores[s].cost_usd))
+
+
 def _cross_validate(task: str, records: list[Record], models: list[str], config: Config,
                     pricer: _Pricer, target: Target, max_rungs: int, folds: int, seed: int,
                     k_grid: Sequence[int], fractions: Sequence[float],
@@ -100,7 +131,8 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
     beside the reference model on the same records (paired: the noise of which records
     are hard cancels out). A setting is accepted when the lower ``target.confidence``
     bound of its mean paired difference from the target floor is at least
-    ``-target.tolerance``; the cheapest accepted one is kept. The reference alone
+    ``-target.tolerance``; of the accepted ones within NEAR_CHEAPEST of the cheapest, the
+    one with the highest bound is kept. The reference alone
     (one rung) always has difference 0, so "no cascade generalises here" ends there.
     Folds are drawn ``repeats`` times; a record's difference is averaged over them.
     """
@@ -149,20 +181,7 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
             diffs = [(per[s][i] - weight * base[i]) / repeats for i in range(n)]
         paired[s] = lower_bound(diffs, target.confidence)
 
-    def ok(s: Setting) -> bool:
-        if target.kind == "cost":
-            return scores[s].cost_usd <= target.value * total + _EPS
-        return paired[s][1] >= -target.tolerance - 1e-12
-
-    feasible = [s for s in settings if ok(s)]
-    if feasible:
-        if target.kind == "cost":
-            chosen = max(feasible, key=lambda s: (scores[s].correct, -scores[s].cost_usd))
-        else:
-            chosen = min(feasible, key=lambda s: (scores[s].cost_usd, -scores[s].correct,
-                                                  s.max_rungs, s.margin))
-    else:
-        chosen = max(settings, key=lambda s: (paired[s][1], -scores[s].cost_usd))
+    chosen = choose_setting(settings, scores, paired, baseline.cost_usd, target, total)
     return CrossValidation(folds, chosen, {s.label(): scores[s] for s in settings}, baseline,
                            repeats, reference, {s.label(): paired[s] for s in settings},
                            target.confidence)

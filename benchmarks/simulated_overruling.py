@@ -1,0 +1,100 @@
+"""A stand-in for FrugalGPT's OVERRULING answers: simulated answers, real accuracies and prices.
+
+Issue #16 was measured on a classification dataset of real answers from 12 LLM APIs whose
+per-query answers are not in ../shared/evaldata (FrugalGPT keeps them in release assets
+that cannot be reached here). Its summary CSV is there: the test accuracy and the mean
+cost per query of ten 2024 models on OVERRULING (1,080 test queries, a Yes/No question).
+This module draws per-query answers that reproduce those figures, so calibration can be
+tried where, unlike every evaldata dataset, several cheap models come close to the
+reference. **The answers are simulated**: figures on this dataset say what calibration
+does when such structure exists, not what it saves on the real data.
+
+How answers are drawn (an item-response model, the usual way correlated errors are
+simulated): query q has a label (Yes for ~40%) and a difficulty d_q (most are easy; a
+share are hard for every model; ~1.5% are "label noise" that almost every model gets
+wrong); model m answers right with probability sigmoid(a_m + b_m * s_q - d_q), where
+s_q = +1 for Yes and -1 for No, so each model leans to one label as real models do, and
+a_m is solved so the model's expected accuracy is its recorded one. Prompts are the
+dataset's real few-shot prefix and a generated sentence (the scorer finds nothing in
+them, as on a dataset whose queries look alike).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from pathlib import Path
+
+from batchroute.replay import Record, Response, Sample
+
+PROMPT_TOKENS = 400  # the e5 prefix (~1,500 characters) and one sentence
+LABELS = ("Yes", "No")
+MODEL_IDS = {  # the summary's Method -> a model name used in the config
+    "gpt-4o-2024-05-13": "gpt-4o", "claude-3-5-sonnet-20240620": "claude-3.5-sonnet",
+    "Meta-Llama-3-70B-Instruct-Turbo": "llama-3-70b", "gemma-2-9b-it": "gemma-2-9b"}
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _models(root: Path) -> dict[str, tuple[float, float]]:
+    """model -> (test accuracy, USD per query) from the FrugalGPT summary."""
+    path = root / "frugalgpt" / "summary" / "summary_OVERRULING_e5_full_2024.csv"
+    out = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["Method"] != "FrugalGPT":
+                name = MODEL_IDS.get(row["Method"], row["Method"])
+                out[name] = (float(row["Test_acc"]), float(row["Test_cost"]))
+    return out
+
+
+def _solve(target: float, lean: float, queries: list[tuple[int, float]]) -> float:
+    """a such that the mean probability of a right answer over ``queries`` is ``target``."""
+    lo, hi = -10.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        acc = sum(_sigmoid(mid + lean * s - d) for s, d in queries) / len(queries)
+        lo, hi = (mid, hi) if acc < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def records(root: Path, n: int = 2160, seed: int = 16) -> tuple[list[Record],
+                                                                 dict[str, tuple[float, float]]]:
+    """(records, model -> (USD per 1M input tokens, per 1M output tokens))."""
+    rng = random.Random(seed)
+    models = _models(root)
+    prefix = (root / "frugalgpt" / "config" / "prompt" / "OVERRULING" / "prefix_e5.txt"
+              ).read_text("utf-8")
+    queries = []
+    for _ in range(n):
+        s = 1 if rng.random() < 0.4 else -1
+        u = rng.random()
+        d = (8.0 if u < 0.015 else rng.gauss(2.5, 1.0) if u < 0.10 else rng.gauss(-2.0, 1.0))
+        queries.append((s, d))
+    params = {}
+    for m, (acc, _) in models.items():
+        lean = rng.uniform(-1.0, 1.0)
+        params[m] = (_solve(acc, lean, queries), lean)
+    words = ["court", "holding", "precedent", "we", "disavow", "evidence", "appeal", "ruling",
+             "statute", "the", "defendant", "plaintiff", "decision", "case", "overrule",
+             "affirm", "language", "below", "question", "motion"]
+    recs = []
+    for i, (s, d) in enumerate(queries):
+        truth = LABELS[0] if s > 0 else LABELS[1]
+        other = LABELS[1] if s > 0 else LABELS[0]
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))
+        responses = {}
+        for m, (a, lean) in params.items():
+            right = rng.random() < _sigmoid(a + lean * s - d)
+            responses[m] = Response(PROMPT_TOKENS, (Sample(truth if right else other, 1,
+                                                           right),))
+        text = f"{prefix}\nContext: {sentence}.\nQuestion: Is it overruling?\nAnswer:"
+        recs.append(Record(id=f"overruling-sim-{i:05d}", task="overruling",
+                           messages=[{"role": "user", "content": text}],
+                           responses=responses, reference=truth))
+    # A price per 1M input tokens that makes one query cost the recorded mean; output 0.
+    prices = {m: (cost / PROMPT_TOKENS * 1e6, 0.0) for m, (_, cost) in models.items()}
+    return recs, prices
