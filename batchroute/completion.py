@@ -40,6 +40,9 @@ class Completion:
     logprobs: list[float] | None = None
     body: dict[str, Any] = field(default_factory=dict)
     rate_limit: dict[str, str] = field(default_factory=dict)
+    processing_s: float | None = None
+    """How long before the reply the provider counted the request, when it says
+    (``openai-processing-ms``): the rate-limit pools date the call that much earlier."""
     alternatives: tuple[str, ...] = ()
     """Contents of the other choices (index 1..n-1) when the request asked for ``n`` > 1:
     the samples a `consensus` check compares with `content`."""

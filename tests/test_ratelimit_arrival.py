@@ -8,6 +8,7 @@ the simulator's own limiter, and the Redis Lua deciding as the memory backend do
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Callable
 
@@ -24,7 +25,12 @@ from batchroute.ratelimit import (
     build_scope,
     window_start,
 )
-from batchroute.ratelimit.schedule import DEFAULT_SAFETY_S, in_flight_until, settled_at
+from batchroute.ratelimit.schedule import (
+    DEFAULT_SAFETY_S,
+    in_flight_until,
+    settle_lead,
+    settled_at,
+)
 from batchroute.sim.limits import Limit, RateLimiter
 
 from .test_ratelimit import Clock
@@ -56,20 +62,23 @@ Duration = Callable[[random.Random], float]
 
 
 def _run_calls(scope: Scope, costs: list[int], rng: random.Random, duration: Duration,
-               arrive_at_end: Callable[[random.Random], bool]) -> list[tuple[float, int]]:
+               arrive_at_end: Callable[[random.Random], bool],
+               report_processing: bool = False) -> list[tuple[float, int]]:
     """Each call admitted as early as the pool grants it (many workers), taking
     ``duration`` and reaching the provider at its start or, when ``arrive_at_end``, just
     before its reply (the worst case: a stall before the provider counted it). Settles
-    happen at each call's end, in time order. Returns the provider's arrivals."""
+    happen at each call's end, in time order; with ``report_processing`` each reports
+    the time from its count to its reply, less 1 ms (openai-processing-ms). Returns the
+    provider's arrivals."""
     clock = Clock()
     be = MemoryBackend(clock)
-    ends: list[tuple[float, str]] = []
+    ends: list[tuple[float, str, float]] = []
 
     def advance(to: float) -> None:
         while ends and ends[0][0] <= to:
-            at, holder = heapq.heappop(ends)
+            at, holder, lead = heapq.heappop(ends)
             clock.t = max(clock.t, at)
-            be.settle([scope], holder, 0, 0.0, [False], 0.0)
+            be.settle([scope], holder, 0, 0.0, [False], 0.0, lead)
         clock.t = max(clock.t, to)
 
     arrivals = []
@@ -79,8 +88,10 @@ def _run_calls(scope: Scope, costs: list[int], rng: random.Random, duration: Dur
             if o.kind == GRANTED:
                 start = o.now + o.wait_s
                 d = duration(rng)
-                heapq.heappush(ends, (start + d, f"h{i}"))
-                arrivals.append((start + (d * 0.999 if arrive_at_end(rng) else 0.0), cost))
+                arrive = d * 0.999 if arrive_at_end(rng) else 0.0
+                lead = max(0.0, d - arrive - 0.001) if report_processing else 0.0
+                heapq.heappush(ends, (start + d, f"h{i}", lead))
+                arrivals.append((start + arrive, cost))
                 break
             advance(clock.t + max(o.wait_s, 0.001))
     return sorted(arrivals)
@@ -256,3 +267,83 @@ def test_redis_and_memory_backends_settle_alike(redis_url: str) -> None:
     sleep(1.6)  # b leaves at 4.4 s: 0.4 s to go, slept in the worker
     kind, wait, _ = both(req("d"))
     assert kind == GRANTED and wait == pytest.approx(0.4, abs=0.06)
+
+
+# ---- the provider's own processing time dates a settled call earlier -------------------------
+
+def test_settle_lead_is_bounded_by_the_time_since_admission() -> None:
+    assert settle_lead(0.3, 10.0, 9.0) == pytest.approx(0.3)
+    assert settle_lead(5.0, 10.0, 9.0) == pytest.approx(1.0)  # never before admission
+    assert settle_lead(0.3, 10.0, 0.0) == pytest.approx(0.3)  # admission unknown
+    for bad in (-1.0, 0.0, math.nan, math.inf, -math.inf):
+        assert settle_lead(bad, 10.0, 9.0) == 0.0
+    assert settle_lead(0.3, 10.0, 10.5) == 0.0  # clocks apart: not dated before admission
+
+
+def test_processing_ms_header_is_read_bounded_and_optional() -> None:
+    from batchroute.providers.openai import processing_seconds
+
+    assert processing_seconds({"openai-processing-ms": "250"}, 1.0) == pytest.approx(0.25)
+    assert processing_seconds({"llm_provider-openai-processing-ms": "40.5"}, 1.0) == \
+        pytest.approx(0.0405)
+    assert processing_seconds({"openai-processing-ms": "9000"}, 1.2) == pytest.approx(1.2)
+    for bad in ("-5", "nan", "inf", "1e400", "soon", ""):
+        assert processing_seconds({"openai-processing-ms": bad}, 1.0) is None
+    assert processing_seconds({}, 1.0) is None
+
+
+def test_a_call_dated_by_its_processing_time_frees_the_window_that_much_earlier() -> None:
+    clock = Clock()
+    be = MemoryBackend(clock)
+    s = [build_scope("p", "k", 10.0, 1, None, None, safety_s=None)]
+    assert be.acquire(s, Request(1, "a", 30.0, bound_s=60.0)).kind == GRANTED
+    clock.sleep(3.0)  # a 3 s call, 2.9 s of it spent at the provider after its count
+    be.settle(s, "a", 0, 0.0, [False], 0.0, lead_s=2.9)
+    clock.sleep(7.2)  # 10.2 s: counted at 0.1 s, out of the window since 10.1 s
+    assert be.acquire(s, Request(1, "b", 30.0, bound_s=60.0)).kind == GRANTED
+    # Without the lead it would have counted until its reply, at 3 s:
+    be2 = MemoryBackend(clock2 := Clock())
+    assert be2.acquire(s, Request(1, "a", 30.0, bound_s=60.0)).kind == GRANTED
+    clock2.sleep(3.0)
+    be2.settle(s, "a", 0, 0.0, [False], 0.0)
+    clock2.sleep(7.2)
+    assert be2.acquire(s, Request(1, "b", 30.0, bound_s=60.0, horizon_s=0.5)).kind == DEFER
+
+
+def test_processing_time_keeps_a_strict_provider_at_zero_refusals() -> None:
+    """The stalled calls above, each reporting the time it spent at the provider after its
+    count (less 1 ms of network): dated that much earlier, 0 refusals still, and the last
+    call is admitted sooner than when every call counts until its reply."""
+    window, rpm, tpm = 10.0, 100, 10000
+    scope = build_scope("p", "k", window, rpm, tpm, None, safety_s=None)
+    runs = {}
+    for lead in (False, True):
+        rng = random.Random(11)
+        costs = [rng.randint(20, 200) for _ in range(2000)]
+        arrivals = _run_calls(scope, costs, rng, _stalls, lambda r: r.random() < 0.5,
+                              report_processing=lead)
+        assert _refused(arrivals, window, rpm, tpm) == 0
+        runs[lead] = arrivals[-1][0]
+    assert runs[True] < runs[False] - 0.5  # ~20 windows, each ~latency sooner
+
+
+@pytest.mark.integration
+def test_redis_dates_a_settled_call_by_its_processing_time(redis_url: str) -> None:
+    import time
+
+    import redis
+
+    red = RedisBackend(redis.Redis.from_url(redis_url))
+    s = [build_scope("lead", "batchroute:rl:{lead-test}", 1.0, 1, None, None, safety_s=None)]
+    req = Request(1, "a", 30.0, horizon_s=0.2, bound_s=60.0)
+    assert red.acquire(s, req).kind == GRANTED
+    time.sleep(0.5)
+    red.settle(s, "a", 0, 0.0, [False], 0.0, lead_s=0.45)  # counted at ~0.05 s
+    time.sleep(0.65)  # ~1.15 s: a's count has left the 1 s window
+    b = red.acquire(s, Request(1, "b", 30.0, horizon_s=0.2, bound_s=60.0))
+    assert b.kind == GRANTED
+    time.sleep(0.5)
+    # An absurd lead is bounded by the time since admission: b counts at its admission.
+    red.settle(s, "b", 0, b.now + b.wait_s, [False], 0.0, lead_s=1e9)
+    later = red.acquire(s, Request(1, "c", 30.0, horizon_s=0.2, bound_s=60.0))
+    assert later.kind == DEFER and later.wait_s == pytest.approx(0.5, abs=0.1)

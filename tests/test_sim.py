@@ -486,6 +486,18 @@ def test_anthropic_errors(make_sim: Callable[..., SimServer]) -> None:
 # --- rate limits -----------------------------------------------------------------------
 
 
+def test_openai_replies_say_how_long_the_request_was_held_after_its_count(
+        make_sim: Callable[..., SimServer]) -> None:
+    server = make_sim(_config(slow=SimModel(latency_ms=300)))
+    with httpx.Client(base_url=server.url) as c:
+        started = time.monotonic()
+        r = chat(c, "slow", "hi")
+        took_ms = (time.monotonic() - started) * 1000
+        held = int(r.headers["openai-processing-ms"])
+        assert 300 <= held <= took_ms  # the latency, and never more than we waited
+        assert int(chat(c, "good", "hi").headers["openai-processing-ms"]) < 100
+
+
 def test_rpm_limit_is_strict(make_sim: Callable[..., SimServer]) -> None:
     server = make_sim(_config(capped=SimModel(rpm=30)))
     with httpx.Client(base_url=server.url) as c:

@@ -3,6 +3,8 @@ Together, Groq, OpenRouter, vLLM, Ollama and the built-in simulator."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -67,9 +69,31 @@ class OpenAIAdapter:
             logprobs=logprobs,
             body=data,
             rate_limit={k: v for k, v in response.headers.items() if "ratelimit" in k},
+            processing_s=processing_seconds(response.headers, latency_s),
             alternatives=_other_choices(data["choices"]),
             flags=flags,
         )
+
+
+def processing_seconds(headers: Mapping[str, str], latency_s: float) -> float | None:
+    """How long the provider held the request after counting it (``openai-processing-ms``,
+    also behind LiteLLM's proxy as ``llm_provider-openai-processing-ms``). A provider's
+    limiter counts a request before processing it, so the request was counted at least
+    this long before our reply arrived: the pools date the call that much earlier. A
+    value that is not a finite number is ignored, and none may exceed the call's own
+    latency (a provider cannot have held it longer than we waited)."""
+    for name in ("openai-processing-ms", "llm_provider-openai-processing-ms"):
+        text = headers.get(name)
+        if text is None:
+            continue
+        try:
+            ms = float(text)
+        except ValueError:
+            return None
+        if not math.isfinite(ms) or ms < 0:
+            return None
+        return min(ms / 1000, max(0.0, latency_s))
+    return None
 
 
 def _other_choices(choices: list[Any]) -> tuple[str, ...]:

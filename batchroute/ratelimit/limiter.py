@@ -173,15 +173,18 @@ class Limiter:
     def settle(self, grant: Grant, completion: Completion | None = None,
                error: ProviderError | None = None) -> None:
         """Reconcile the reservation with the provider's usage, log the call at its settle
-        time (it reached the provider by then: ``schedule``), release the concurrency slot
-        and feed the provider's 429s and rate-limit headers back into the pool. Call it
-        as soon as the reply is in: until then the call holds its window entries.
+        time (it reached the provider by then: ``schedule``), or earlier by the time the
+        provider says it held the request after counting it (``processing_s``), release
+        the concurrency slot and feed the provider's 429s and rate-limit headers back into
+        the pool. Call it as soon as the reply is in: until then the call holds its window
+        entries.
         Never raises: a lost settle costs at most one lease and the entries' window
         (the call's deadline plus a grace, plus the window)."""
         if not grant.scopes or grant.deferred:
             return
-        delta, block_s = 0, 0.0
+        delta, block_s, lead_s = 0, 0.0, 0.0
         if completion is not None:
+            lead_s = completion.processing_s or 0.0
             charged = charged_tokens(completion.usage, grant.cap)
             delta = 0 if charged is None else charged - grant.reserved
             block_s = header_block_s(completion.rate_limit)
@@ -193,7 +196,7 @@ class Limiter:
         block = [i == narrow for i in range(len(grant.scopes))]
         try:
             self.backend.settle(grant.scopes, grant.holder, delta, grant.started_at, block,
-                                block_s)
+                                block_s, lead_s)
         except Exception:  # never fail a finished call over bookkeeping
             log.warning("ratelimit_settle_failed", batch_id=grant.batch_id,
                         job_id=grant.job_id, pool=grant.pool, exc_info=True)

@@ -27,6 +27,7 @@ from batchroute.ratelimit.schedule import (
     commit,
     earliest,
     in_flight_until,
+    settle_lead,
     settled_at,
     window_start,
 )
@@ -191,13 +192,14 @@ class MemoryBackend:
         return Outcome(DEFER, vstart - now, reason or "concurrency", now, capped)
 
     def settle(self, scopes: Sequence[Scope], holder: str, delta: int, started_at: float,
-               block: Sequence[bool], block_s: float) -> None:
+               block: Sequence[bool], block_s: float, lead_s: float = 0.0) -> None:
         with self._lock:
             now = self.clock()
+            counted = now - settle_lead(lead_s, now, started_at)
             for s, blk in zip(scopes, block, strict=True):
                 st = self._state(s)
                 for kind, _rate, _cost in limits_of(s, 0):
-                    st.log(kind).restamp(holder, now)
+                    st.log(kind).restamp(holder, counted)
                 if s.tpm and delta and st.log("t").adjust(holder, delta):
                     st.count(now, s.window_s, t=delta)
                 if s.max_concurrency and st.holders.pop(holder, None) is not None \

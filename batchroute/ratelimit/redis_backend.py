@@ -231,7 +231,7 @@ return {'defer', fmt(vstart - now), reason, fmt(now), c}
 """
 
 # KEYS: scope bases. ARGV: per scope (tLimit, cmax, block?, window, rLimit), then holder,
-# delta, started_at, block_s.
+# delta, started_at, block_s, lead_s.
 _SETTLE = _LUA_COMMON + """
 local n = #KEYS
 local G = n * 5
@@ -239,13 +239,18 @@ local holder = ARGV[G + 1]
 local delta = tonumber(ARGV[G + 2])
 local started = tonumber(ARGV[G + 3])
 local block_s = tonumber(ARGV[G + 4])
+-- Dated earlier by the time the provider held it after counting it (schedule.settle_lead).
+local lead = tonumber(ARGV[G + 5]) or 0
+if lead ~= lead or lead < 0 or lead == math.huge then lead = 0 end
+if started > 0 then lead = math.min(lead, math.max(0, now - started)) end
+local counted = now - lead
 for i = 1, n do
   local b = (i - 1) * 5
   local key, tL, cmax = KEYS[i], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local blk, win, rL = ARGV[b + 3] == '1', tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
   -- Settled: it reached the provider by now (schedule.settled_at). LT: never later.
-  if rL > 0 then redis.call('ZADD', key .. ':log:r', 'XX', 'LT', fmt(now), holder) end
-  if tL > 0 then redis.call('ZADD', key .. ':log:t', 'XX', 'LT', fmt(now), holder) end
+  if rL > 0 then redis.call('ZADD', key .. ':log:r', 'XX', 'LT', fmt(counted), holder) end
+  if tL > 0 then redis.call('ZADD', key .. ':log:t', 'XX', 'LT', fmt(counted), holder) end
   if tL > 0 and delta ~= 0 then
     local old = redis.call('HGET', key .. ':cost:t', holder)
     if old then
@@ -323,12 +328,12 @@ class RedisBackend:
         return Outcome(kind, float(wait), reason, float(now), capped == "1")
 
     def settle(self, scopes: Sequence[Scope], holder: str, delta: int, started_at: float,
-               block: Sequence[bool], block_s: float) -> None:
+               block: Sequence[bool], block_s: float, lead_s: float = 0.0) -> None:
         args: list[str] = []
         for s, blk in zip(scopes, block, strict=True):
             args += [str(s.tpm.limit if s.tpm else 0), str(s.max_concurrency or 0),
                      "1" if blk else "0", _f(s.window_s), str(s.rpm.limit if s.rpm else 0)]
-        args += [holder, str(int(delta)), _f(started_at), _f(block_s)]
+        args += [holder, str(int(delta)), _f(started_at), _f(block_s), _f(lead_s)]
         self._settle(keys=[s.key for s in scopes], args=args)
 
     def usage(self, scope: Scope) -> dict[str, Any]:

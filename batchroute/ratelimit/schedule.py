@@ -186,6 +186,17 @@ def in_flight_until(start: float, cap: float | None, bound_s: float) -> float:
     return start + (bound_s if cap is None else min(cap, bound_s))
 
 
+def settle_lead(lead_s: float, now: float, started_at: float) -> float:
+    """How much earlier than ``now`` a settled call may be dated: the time the provider
+    says it held the request after counting it, never more than the call has been
+    admitted (``started_at``, the backend's clock; 0 when unknown) and never negative."""
+    if not math.isfinite(lead_s) or lead_s <= 0:
+        return 0.0
+    if started_at > 0:
+        lead_s = min(lead_s, max(0.0, now - started_at))
+    return lead_s
+
+
 def settled_at(logged: float, now: float) -> float:
     """A settled call's entry: it reached the provider before its reply came back."""
     return min(logged, now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +54,9 @@ class Success:
     malformed: bool = False
     limits: Decision | None = None
     alternatives: tuple[str, ...] = ()  # contents of choices 1..n-1
+    # Time from the rate limiter's count to the reply, as OpenAI's openai-processing-ms
+    # reports it: the request was counted at least this long before the reply left.
+    processing_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ class SimEngine:
         with self.lock:
             decision = (Decision(allowed=True) if batch
                         else self.limiter.acquire(limits, reserve))
+            counted = time.monotonic()
             if not decision.allowed:
                 self._stats[f"refused_{decision.refused_by}"] += 1
             draws = [self._faults.random() for _ in range(_DRAWS_PER_CALL)]
@@ -206,6 +211,8 @@ class SimEngine:
                           for i in range(1, req.n))
             outcome = replace(outcome, alternatives=extra, completion_tokens=(
                 outcome.completion_tokens + sum(tokens.count_text(x) for x in extra)))
+        if isinstance(outcome, Success) and not batch:  # rounded down: never overstated
+            outcome = replace(outcome, processing_ms=int((time.monotonic() - counted) * 1000))
         return outcome
 
     def _replay(self, req: ChatRequest, batch: bool = False) -> Outcome:

@@ -218,6 +218,8 @@ class OpenAIProtocol:
             "system_fingerprint": "fp_batchroute_sim",
         }
         headers = {"x-request-id": _request_id(), **self._limit_headers(outcome.limits)}
+        if outcome.processing_ms is not None:
+            headers["openai-processing-ms"] = str(outcome.processing_ms)
         return answer_reply(payload, headers, outcome.malformed)
 
     @staticmethod
