@@ -257,3 +257,25 @@ def test_prompt_ngrams_shared_by_nearly_every_prompt_are_left_out() -> None:
     assert again.stop == stop and again.score(prompts[7], "8") == s.score(prompts[7], "8")
     with pytest.raises(scorer.ScorerError, match="stop"):
         scorer.Scorer.from_dict({**s.to_dict(), "stop": [1]})
+
+
+def test_cross_validation_tries_ladders_with_and_without_learned_scorers() -> None:
+    from .test_calibrate import record
+
+    # cheap is right exactly on the prompts that say "easy": only a scorer can tell.
+    recs = []
+    for i in range(120):
+        r = record(i, {"cheap": i % 2 == 0, "big": True})
+        word = "easy" if i % 2 == 0 else "hard"
+        recs.append(Record(r.id, r.task, [{"role": "user", "content": f"q{i} {word}"}],
+                           r.responses, r.reference))
+    result = cal.calibrate(recs, make_config(), cv_folds=4, scorer_folds=3, seed=1,
+                           try_agree=False, try_answer_in=False).tasks["qa"]
+    assert result.cv is not None
+    labels = set(result.cv.settings)
+    assert "rungs<=2, margin=0" in labels and "rungs<=2, margin=0, scorer" in labels
+    assert result.cv.chosen.scorer
+    assert result.policy.describe().startswith("cheap [scorer")
+    # The same ladders without scorers cannot save anything here.
+    plain = result.cv.settings["rungs<=2, margin=0"]
+    assert plain.cost_usd == pytest.approx(result.cv.baseline.cost_usd)

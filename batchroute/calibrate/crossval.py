@@ -23,9 +23,14 @@ class Setting:
 
     max_rungs: int
     margin: float
+    # Learned scorers allowed (only when they were fitted). A setting of its own, so
+    # cross-validation keeps them only where they beat the same ladders without them:
+    # on queries whose prompts carry little signal they mostly add ways to overfit.
+    scorer: bool = False
 
     def label(self) -> str:
-        return f"rungs<={self.max_rungs}, margin={self.margin:g}"
+        return (f"rungs<={self.max_rungs}, margin={self.margin:g}"
+                + (", scorer" if self.scorer else ""))
 
 
 @dataclass
@@ -71,11 +76,12 @@ CV_REPEATS = 3
 NEAR_CHEAPEST = 0.05
 
 
-def _settings(target: Target, max_rungs: int) -> list[Setting]:
+def _settings(target: Target, max_rungs: int, scorer: bool = False) -> list[Setting]:
     margins = (0.0,) if target.kind == "cost" else tuple(
         sorted({target.margin, *(target.margin + m for m in CV_MARGINS)}))
     out = [Setting(1, target.margin)]
-    out += [Setting(r, m) for r in range(2, max_rungs + 1) for m in margins]
+    out += [Setting(r, m, sc) for sc in ((False, True) if scorer else (False,))
+            for r in range(2, max_rungs + 1) for m in margins]
     return out
 
 
@@ -114,7 +120,7 @@ def choose_setting(settings: Sequence[Setting], scores: dict[Setting, Score],
             near = [s for s in feasible
                     if scores[s].cost_usd <= cheapest + NEAR_CHEAPEST * reference_cost + _EPS]
             return max(near, key=lambda s: (paired[s][1], -scores[s].cost_usd,
-                                            -s.max_rungs, -s.margin))
+                                            -s.max_rungs, -s.margin, -s.scorer))
     return max(settings, key=lambda s: (paired[s][1], -scores[s].cost_usd))
 
 
@@ -139,7 +145,7 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
     import random
 
     reference = reference or models[-1]
-    settings = _settings(target, max_rungs)
+    settings = _settings(target, max_rungs, scorer=bank is not None)
     n = len(records)
     per = {s: [0.0] * n for s in settings}  # correct answers per record, summed over repeats
     cost = {s: [0.0, 0] for s in settings}  # total cost, failed jobs
@@ -162,7 +168,8 @@ def _cross_validate(task: str, records: list[Record], models: list[str], config:
             base[i] += o.correct
             base_cost += o.cost
         for s in settings:
-            fitted = _search(prep, replace(target, margin=s.margin), s.max_rungs, config)
+            fitted = _search(prep, replace(target, margin=s.margin), s.max_rungs, config,
+                             scorer=s.scorer)
             for i, o in zip(held_idx, outcomes(fitted.policy, held, config, pricer),
                             strict=True):
                 per[s][i] += o.correct

@@ -83,7 +83,7 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         if not free_top:  # the ladder ends on the reference: nothing dearer is used
             usable = usable[: usable.index(ref) + 1]
         cv = None
-        setting = Setting(max_rungs, target.margin)
+        setting = Setting(max_rungs, target.margin, scorer=bank is not None)
         if cv_folds >= 2 and len(recs) >= 2 * cv_folds:
             cv = _cross_validate(task, recs, usable, config, pricer, target, max_rungs,
                                  cv_folds, seed, k_grid, agree_fractions, bank=bank,
@@ -93,7 +93,7 @@ def calibrate(records: Sequence[Record], config: Config, target: Target | None =
         prep = _prepare(task, recs, usable, config, pricer, k_grid, agree_fractions,
                         setting.max_rungs, bank, ref, free_top, try_agree, try_answer_in)
         result = _search(prep, replace(target, margin=setting.margin), setting.max_rungs,
-                         config)
+                         config, scorer=setting.scorer)
         result.cv = cv
         results[task] = result
     return Calibration(results, target, order, len(records), source)

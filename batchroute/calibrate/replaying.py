@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchroute import consensus, pricing
-from batchroute.calibrate.types import CalibrationError, Policy, Rung, Score
+from batchroute.calibrate.types import SCORER, CalibrationError, Policy, Rung, Score
 from batchroute.completion import Completion, Usage
 from batchroute.config import Config, ModelConfig
 from batchroute.replay import Record
@@ -31,6 +31,11 @@ class _Option:
     keys: tuple[str, ...] | None = None
     # Accepting nothing is useful only to collect an answer for a later `agree` rung.
     collects: bool = False
+
+    @property
+    def learned(self) -> bool:
+        """A learned scorer decides here (cross-validation tries ladders without them)."""
+        return any(c.get("type") == SCORER for c in self.checks)
 
 
 

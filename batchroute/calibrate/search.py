@@ -116,9 +116,10 @@ def _required(target: Target, best_correct: int, n: int) -> tuple[int | None, fl
 
 
 def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
-            ) -> TaskCalibration:
+            scorer: bool = True) -> TaskCalibration:
     """Depth-first over ladders (rungs cheapest first) and check settings per rung,
-    pruning any prefix already dearer than a policy that meets the target."""
+    pruning any prefix already dearer than a policy that meets the target. Without
+    ``scorer``, learned-scorer settings are left out."""
     models, options = prep.models, prep.options
     top_correct, top_cost = prep.top_correct, prep.top_cost
     n = len(prep.records)
@@ -184,6 +185,8 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
             if len(prefix) + 2 > max_rungs or j == len(models) - 1:
                 continue
             for opt in [*options[j], *agree_options(prefix, j, remaining)]:
+                if not scorer and opt.learned:
+                    continue
                 if opt.collects and len(prefix) + 3 > max_rungs:
                     continue  # no room for the agree rung it collects for
                 step = cost + sum(opt.cost[i] for i in remaining)
