@@ -267,9 +267,10 @@ def test_an_expired_provider_batch_sends_its_unfinished_jobs_on(sim: Any,
     assert statuses["expired"] == 1
     first = s.batches("openai")[-1]  # listing is newest first
     assert first.ended_as == "expired" and len(first.results) < n
-    # The expired requests were never billed and went into a later provider batch.
+    # The expired requests were never billed and went into a later provider batch. (The
+    # first batch holds what was gathered by then: all n jobs on a quiet machine.)
     resent = [j for j in store.iter_jobs(batch_id) if j.options.get("batch_expiries")]
-    assert len(resent) == n - n // 2
+    assert len(resent) == len(first.items) - len(first.results) > 0
     # Their output lines say so, with the reason.
     said = [x["batchroute"]["provider_batch"] for x in outputs(tmp_path / "out.jsonl")
             if "provider_batch" in x["batchroute"]]

@@ -205,7 +205,7 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
     out = tmp_path / "out" / "policy.toml"
     out.parent.mkdir()
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
-                                       str(train), "-o", str(out), "--cv", "0",
+                                       str(train), "-o", str(out), "--cv", "0", "--scorer",
                                        "--scorer-folds", "3", "--no-answer-in", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -218,14 +218,15 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
     spec = next(s for s in loaded.tasks["qa"].validators if s["type"] == "scorer")
     assert Path(spec["model_file"]) == files[0]
 
-    no = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
-                                   str(train), "-o", str(tmp_path / "p2.toml"), "--cv", "0",
-                                   "--no-scorer", "--no-answer-in", "--json"])
-    assert no.exit_code == 0, no.output
-    assert json.loads(no.output)["tasks"]["qa"]["policy"]["ladder"] == ["big"]
+    for flags in (["--no-scorer"], []):  # off unless asked for
+        no = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
+                                       str(train), "-o", str(tmp_path / "p2.toml"), "--cv",
+                                       "0", *flags, "--no-answer-in", "--json"])
+        assert no.exit_code == 0, no.output
+        assert json.loads(no.output)["tasks"]["qa"]["policy"]["ladder"] == ["big"]
 
 
-def test_calibrate_without_scikit_learn_falls_back_unless_a_scorer_is_asked_for(
+def test_calibrate_without_scikit_learn_needs_it_only_when_a_scorer_is_asked_for(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
@@ -238,6 +239,5 @@ def test_calibrate_without_scikit_learn_falls_back_unless_a_scorer_is_asked_for(
             str(tmp_path / "p.toml"), "--cv", "0"]
     quiet = CliRunner().invoke(main, args)
     assert quiet.exit_code == 0, quiet.output
-    assert "without learned scorers" in quiet.output
     asked = CliRunner().invoke(main, [*args, "--scorer"])
     assert asked.exit_code != 0 and "batchroute[calibrate]" in asked.output
