@@ -15,7 +15,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import select as sa_select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from batchroute.store.engine import autocommit_engine, get_engine
@@ -128,8 +127,12 @@ class Store:
             return 0
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
             stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
         elif dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
             stmt = sqlite.insert(table).on_conflict_do_nothing()
         else:  # pragma: no cover - other databases are not supported yet
             raise RuntimeError(f"unsupported database dialect {dialect!r}")
