@@ -44,7 +44,6 @@ from batchroute.cli_tables import (
 )
 from batchroute.config import Config, ConfigError, load_config
 from batchroute.logs import configure_logging
-from batchroute.metrics import metrics
 from batchroute.store import FINISHED, Batch, Store
 from batchroute.terminal import for_rich
 
@@ -555,7 +554,6 @@ def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
 
 
 main.add_command(cancel)
-main.add_command(metrics)
 main.add_command(resume)
 main.add_command(recover)
 

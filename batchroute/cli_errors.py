@@ -133,7 +133,26 @@ class FriendlyGroup(click.Group):
 
     Exceptions ``explain`` does not know propagate unchanged (with their traceback), and
     so does every exception under --debug / BATCHROUTE_DEBUG=1.
+
+    ``LAZY`` commands are imported when run or listed (click's lazy-loading recipe): the
+    `metrics` command needs prometheus_client, ~25 ms that every other command (a
+    `submit` first of all) would pay at start-up for nothing.
     """
+
+    LAZY = {"metrics": "batchroute.metrics:metrics"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, _, name = self.LAZY[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), name)
+            assert isinstance(command, click.Command)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

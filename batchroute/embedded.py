@@ -8,6 +8,7 @@ workers run, so what a user sees here is what the deployment does.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from batchroute.config import Config, check_api_keys, load_config
 from batchroute.dispatch import LocalDispatcher
 from batchroute.ingest import IngestResult, ingest_file
-from batchroute.pipeline import process_job
+from batchroute.pipeline import SharedWrites, process_job
 from batchroute.provider_batch import runner as batch_api_runner
 from batchroute.recovery import reclaim_for_local_run
 from batchroute.reports import batch_report
@@ -50,7 +51,10 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
     store = store or Store()
     dispatcher = LocalDispatcher(concurrency=concurrency)
     rt = Runtime(config, store, dispatcher)
-    dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no)
+    # Finished jobs' moves are written in groups (pipeline.SharedWrites); flushed at every
+    # look at the store below and before the results are read.
+    writes = SharedWrites(rt)
+    dispatcher.handler = lambda job_id, attempt_no: process_job(rt, job_id, attempt_no, writes)
     try:
         ingest = ingest_file(config, store, None, path, strict=strict, budget_usd=budget_usd,
                              deadline_s=deadline_s, reuse_mode=reuse_mode,
@@ -65,6 +69,7 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
         batch_api = any(config.uses_batch_api(m) for m in config.models.values())
         while True:
             idle = dispatcher.join(timeout=0.25)
+            writes.flush()
             counts = (store.state_counts(ingest.batch_id)
                       if batch_api or on_progress is not None else {})
             if on_progress is not None:
@@ -87,4 +92,6 @@ def run_file(path: Path, out: Path, errors: Path | None = None, config: Config |
                           rt.breakers.snapshot())
     finally:
         dispatcher.close()
+        with contextlib.suppress(Exception):  # interrupted: keep the jobs that did finish
+            writes.flush()
         rt.close()

@@ -11,6 +11,7 @@ SQL store telling the truth.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -44,13 +45,16 @@ from batchroute.validators import (
 log = structlog.get_logger("batchroute.pipeline")
 
 
-def process_job(rt: Runtime, job_id: str, attempt_no: int) -> str:
-    """Run attempt `attempt_no` of a job; returns what happened (for logs and tests)."""
+def process_job(rt: Runtime, job_id: str, attempt_no: int,
+                writes: Writes | None = None) -> str:
+    """Run attempt `attempt_no` of a job; returns what happened (for logs and tests).
+    `writes`: where its final move goes (default: straight to the store; the embedded
+    runner passes its `SharedWrites`)."""
     job = rt.store.claim(job_id, attempt_no)
     if job is None:
         log.debug("duplicate_or_stale_message", job_id=job_id, attempt=attempt_no)
         return "skipped"
-    return run_claimed(rt, job, Writes(rt, defer=False))
+    return run_claimed(rt, job, writes if writes is not None else Writes(rt, defer=False))
 
 
 def process_chunk(rt: Runtime, pairs: list[tuple[str, int]]) -> dict[str, int]:
@@ -136,6 +140,42 @@ class Writes:
     def flush(self) -> None:
         if self.pending:
             moves, self.pending = self.pending, []
+            self.rt.store.transition_many(moves)
+
+
+class SharedWrites(Writes):
+    """`Writes` shared by the threads of one process (the embedded runner's workers):
+    finished jobs' moves, whichever thread ran them, go to the store together, in one
+    transaction per MAX_HELD moves or FLUSH_AFTER_S, instead of one each (on SQLite a
+    finish cost ~0.6 ms of CPU alone, ~0.2 ms in a group; #14). The same moves and
+    guarantees as a chunk's: each is guarded and atomic on its own, only finished jobs
+    are held, and a process killed meanwhile loses held moves with their claims, which
+    the next run takes again (`recovery.reclaim_for_local_run`). The owner flushes
+    before reading results."""
+
+    MAX_HELD = 64
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt, defer=True)
+        self._lock = threading.Lock()
+
+    def finish(self, job: Job, attempt: Attempt | None, **values: Any) -> None:
+        with self._lock:
+            super().finish(job, attempt, **values)
+            full = len(self.pending) >= self.MAX_HELD
+        if full or self.due(0.0):
+            self.flush()
+
+    def due(self, last_job_s: float) -> bool:
+        with self._lock:
+            return super().due(last_job_s)
+
+    def flush(self) -> None:
+        """Write what is held (by the caller's thread, outside the lock: other threads go
+        on holding their moves meanwhile)."""
+        with self._lock:
+            moves, self.pending = self.pending, []
+        if moves:
             self.rt.store.transition_many(moves)
 
 

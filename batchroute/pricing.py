@@ -12,9 +12,6 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from genai_prices import Usage as PriceUsage
-from genai_prices import calc_price
-
 from batchroute.completion import Usage
 
 if TYPE_CHECKING:
@@ -38,6 +35,12 @@ def _explicit_cost(price: Price, usage: Usage) -> Decimal:
 @lru_cache(maxsize=4096)
 def _lookup_cost(model_ref: str, provider_id: str | None, prompt: int, cached: int,
                  completion: int) -> Decimal:
+    # Imported here: genai-prices (and the HTTP client it brings) costs ~70 ms to import,
+    # paid by every `submit` and worker start, while configs that price their models
+    # explicitly never look a price up.
+    from genai_prices import Usage as PriceUsage
+    from genai_prices import calc_price
+
     usage = PriceUsage(input_tokens=prompt, output_tokens=completion,
                        cache_read_tokens=min(cached, prompt) or None)
     if provider_id:

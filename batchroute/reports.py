@@ -99,7 +99,7 @@ def batch_report(store: Store, config: Config, batch_id: str) -> dict[str, Any]:
     """
     batch = store.get_batch(batch_id)
     jobs = store.job_summaries(batch_id)
-    attempts = store.attempts(batch_id)
+    attempts = store.attempt_rows(batch_id)  # rows, read like Attempts
     groups: dict[str, dict[str, dict[str, Any]]] = {
         k: defaultdict(_bucket)
         for k in ("by_tier", "by_model", "by_provider", "by_task", "by_tag")}

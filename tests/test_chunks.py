@@ -283,6 +283,38 @@ def test_held_finishes_are_written_together_and_never_left_behind() -> None:
     assert ledger.single == ["j0"] and len(ledger.batches) == 2  # one job: written at once
 
 
+def test_shared_writes_group_many_threads_finishes_and_lose_none() -> None:
+    """The embedded runner's SharedWrites: finishes from many threads go out in groups
+    (at MAX_HELD, after FLUSH_AFTER_S, or on the owner's flush), each move exactly once."""
+    from batchroute.store import Job
+
+    ledger = _Ledger()
+    rt: Any = type("Rt", (), {"store": ledger})()
+    writes = pipeline.SharedWrites(rt)
+    writes.FLUSH_AFTER_S = 60.0  # only the count flushes here (threads start slowly)
+    n = 4 * writes.MAX_HELD + 5
+
+    def finish(i: int) -> None:
+        writes.finish(Job.model_construct(id=f"j{i}", attempt_no=1), None, state=SUCCEEDED)
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = [m.job_id for b in ledger.batches for m in b]
+    assert len(written) >= 4 * writes.MAX_HELD  # groups went out once full
+    writes.flush()  # the rest, when the owner looks
+    written = [m.job_id for b in ledger.batches for m in b]
+    assert sorted(written) == sorted(f"j{i}" for i in range(n))  # each once, none lost
+    assert ledger.single == [] and len(ledger.batches) < n // 8  # in groups
+    finish(n)
+    assert [m.job_id for b in ledger.batches for m in b] == written  # held: below the cap
+    writes._since -= writes.FLUSH_AFTER_S  # ... until it has waited long enough
+    finish(n + 1)
+    assert [m.job_id for m in ledger.batches[-1]] == [f"j{n}", f"j{n + 1}"]
+
+
 _FORK_UNDER_A_CONSUMER = """
 import sys, time
 import kombu

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, http_error
+from batchroute.providers.base import ErrorKind, ProviderError, endpoint, http_error
 from batchroute.providers.errors import reply_error
 from batchroute.providers.reply import (
     MalformedReply,
@@ -72,7 +72,7 @@ class AnthropicAdapter:
         headers = {"anthropic-version": API_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
-        return client.build_request("POST", f"{base_url}/messages",
+        return client.build_request("POST", endpoint(base_url, "/messages"),
                                     json=to_messages_request(api_model, body), headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:

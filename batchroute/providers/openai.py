@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from batchroute.completion import Completion, Usage
-from batchroute.providers.base import ErrorKind, ProviderError, http_error
+from batchroute.providers.base import ErrorKind, ProviderError, endpoint, http_error
 from batchroute.providers.errors import reply_error
 from batchroute.providers.reply import (
     MalformedReply,
@@ -33,7 +33,7 @@ class OpenAIAdapter:
         payload = {k: body[k] for k in FORWARDED if k in body}
         payload["model"] = api_model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return client.build_request("POST", f"{base_url}/chat/completions", json=payload,
+        return client.build_request("POST", endpoint(base_url, "/chat/completions"), json=payload,
                                     headers=headers)
 
     def parse_response(self, response: httpx.Response, latency_s: float) -> Completion:

@@ -15,7 +15,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import select as sa_select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from batchroute.store.engine import autocommit_engine, get_engine
@@ -23,6 +22,7 @@ from batchroute.store.statements import (
     _ATTEMPTS,
     _CLAIM,
     _CLAIM_MANY,
+    _JOBS,
     Move,
     _attempt_params,
     _record_and_transition_stmt,
@@ -44,6 +44,11 @@ from batchroute.store.tables import (
     lease_seconds,
     utcnow,
 )
+
+# The columns of a job an output line reads (Store.output_rows); line_no orders them.
+OUTPUT_COLUMNS = ("id", "custom_id", "line_no", "task", "tier", "provider", "model",
+                  "escalations", "verdicts", "reference_model", "options", "state", "result",
+                  "error")
 
 
 class Store:
@@ -128,8 +133,12 @@ class Store:
             return 0
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
             stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
         elif dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
             stmt = sqlite.insert(table).on_conflict_do_nothing()
         else:  # pragma: no cover - other databases are not supported yet
             raise RuntimeError(f"unsupported database dialect {dialect!r}")
@@ -313,6 +322,23 @@ class Store:
             yield from rows
             last = rows[-1].line_no
 
+    def output_rows(self, batch_id: str, chunk: int = 1000) -> Iterator[Any]:
+        """What an output line needs of each job (batchroute.results.OutputJob), as plain
+        rows in input-line order, `chunk` per query: no ORM objects, and not the request
+        bodies (the largest JSON of a job, which writing results never reads)."""
+        t = _JOBS
+        columns = [t.c[name] for name in OUTPUT_COLUMNS]
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa_select(*columns).where(
+                    t.c.batch_id == batch_id, t.c.line_no > last)
+                    .order_by(t.c.line_no).limit(chunk)).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].line_no
+
     def line_errors(self, batch_id: str, limit: int | None = None) -> list[LineError]:
         """A batch's bad lines in line order; pass `limit` (a file may have a million of
         them), or use iter_line_errors / count_line_errors."""
@@ -346,6 +372,14 @@ class Store:
         with self.session() as s:
             return list(s.exec(select(Attempt).where(Attempt.batch_id == batch_id)
                                .order_by(Attempt.id)).all())  # type: ignore[arg-type]
+
+    def attempt_rows(self, batch_id: str) -> list[Any]:
+        """`attempts` as plain rows (read-only, the same attribute names), for results and
+        reports that read every attempt of a batch once: building ORM objects was most of
+        their cost (~0.1 ms a row)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa_select(_ATTEMPTS).where(_ATTEMPTS.c.batch_id == batch_id)
+                                     .order_by(_ATTEMPTS.c.id)))
 
     def job_attempts(self, job_id: str) -> list[Attempt]:
         with self.session() as s:

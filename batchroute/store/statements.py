@@ -12,7 +12,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import configure_mappers
 
 from batchroute.store.tables import LOST, QUEUED, RUNNING, Attempt, Job
@@ -58,6 +57,10 @@ def _record_stmt(dialect: str) -> Any:
     """Insert an attempt once per (job, attempt_no); on a clash overwrite only a "lost"
     placeholder (the sweeper gave the run up for dead, but it was alive and its call is
     what the provider billed). One statement: an upsert whose update has a WHERE."""
+    # The dialect's module on first use only: importing sqlalchemy's PostgreSQL dialect
+    # costs ~50 ms, which a SQLite run (`batchroute run`, a `submit`) need not pay.
+    from sqlalchemy.dialects import postgresql, sqlite
+
     module: Any = postgresql if dialect == "postgresql" else sqlite
     ins = module.insert(_ATTEMPTS).values({c: bindparam(f"a_{c}") for c in _ATTEMPT_COLS})
     return ins.on_conflict_do_update(

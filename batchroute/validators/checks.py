@@ -14,10 +14,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import jsonschema
-import jsonschema.exceptions
-import referencing.exceptions
-
 from batchroute.completion import Completion
 from batchroute.validators.base import _MESSAGE, Verdict, _Base, _json_path, _snip
 from batchroute.validators.safety import (
@@ -163,6 +159,10 @@ class _JsonSchema(_Base):
         self._validator = schema_validator(schema)
 
     def check(self, completion: Completion) -> Verdict:
+        # Loaded already by schema_validator (imported here, not at start-up: see safety).
+        import jsonschema.exceptions
+        import referencing.exceptions
+
         instance, error = _parse_json(completion.content)
         if error:
             return self._fail(error)

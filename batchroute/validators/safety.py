@@ -27,13 +27,15 @@ import functools
 import json
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import jsonschema.exceptions
 import re2
-import referencing
-import referencing.exceptions
+
+if TYPE_CHECKING:
+    import referencing
+
+# jsonschema and referencing are imported where a schema is checked (~50 ms at start-up,
+# which every `submit` and worker paid though most batches have no json_schema check).
 
 MAX_PATTERN_CHARS = 1000
 #: Memory RE2 may use for one compiled pattern (its DFA cache); `a{1000}{1000}` is
@@ -209,13 +211,19 @@ def check_json_depth(value: Any, max_depth: int = MAX_LINE_DEPTH) -> None:
 def _refuse(uri: str) -> referencing.Resource[Any]:
     """The registry's retrieve function: nothing outside the schema is ever fetched,
     not http://, not file://, not a path on disk."""
+    import referencing.exceptions
+
     raise referencing.exceptions.NoSuchResource(ref=uri)  # type: ignore[call-arg]
 
 
-#: Resolves a schema's $refs only within the schema (and the meta-schemas bundled with
-#: jsonschema); passing it also switches off jsonschema's deprecated remote fallback.
-NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry(
-    retrieve=_refuse)  # type: ignore[call-arg]  # attrs init: mypy sees no keywords
+@functools.lru_cache(maxsize=1)
+def no_retrieval() -> referencing.Registry[Any]:
+    """Resolves a schema's $refs only within the schema (and the meta-schemas bundled
+    with jsonschema); passing it also switches off jsonschema's deprecated remote
+    fallback. One registry per process, built on first use."""
+    import referencing
+
+    return referencing.Registry(retrieve=_refuse)  # type: ignore[call-arg]  # attrs init
 
 
 def schema_shape_problem(schema: Any, where: str = "$") -> str | None:
@@ -250,10 +258,12 @@ def schema_shape_problem(schema: Any, where: str = "$") -> str | None:
 
 def schema_validator(schema: dict[str, Any]) -> Any:
     """A jsonschema validator for a schema from job input that never retrieves."""
+    import jsonschema
+
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     # Formats are asserted (not just annotated) because "date": "yesterday" is precisely
     # the kind of sloppy answer that should escalate.
-    return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=NO_RETRIEVAL)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=no_retrieval())
 
 
 def schema_problem(schema: dict[str, Any]) -> str | None:
@@ -279,6 +289,9 @@ def _schema_problem_cached(canonical: str) -> str | None:
 
 
 def _meta_problem(schema: dict[str, Any]) -> str | None:
+    import jsonschema
+    import jsonschema.exceptions
+
     from batchroute.validators.base import _MESSAGE, _json_path, _snip
 
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
