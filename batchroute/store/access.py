@@ -326,14 +326,19 @@ class Store:
         """What an output line needs of each job (batchroute.results.OutputJob), as plain
         rows in input-line order, `chunk` per query: no ORM objects, and not the request
         bodies (the largest JSON of a job, which writing results never reads)."""
-        t = _JOBS
-        columns = [t.c[name] for name in OUTPUT_COLUMNS]
+        return self._by_line(_JOBS, OUTPUT_COLUMNS, batch_id, chunk)
+
+    def _by_line(self, table: Any, names: Sequence[str], batch_id: str,
+                 page: int) -> Iterator[Any]:
+        """A batch's rows of ``table`` (its ``names`` columns, ``line_no`` among them) in
+        line order, ``page`` per query: keyset on the unique (batch_id, line_no)."""
+        columns = [table.c[name] for name in names]
         last = -1
         while True:
             with self.engine.connect() as conn:
                 rows = conn.execute(sa_select(*columns).where(
-                    t.c.batch_id == batch_id, t.c.line_no > last)
-                    .order_by(t.c.line_no).limit(chunk)).all()
+                    table.c.batch_id == batch_id, table.c.line_no > last)
+                    .order_by(table.c.line_no).limit(page)).all()
             if not rows:
                 return
             yield from rows
@@ -351,17 +356,8 @@ class Store:
         """Bad lines in line order as rows with .line_no, .custom_id and .reason, `page`
         per query (keyset on the unique (batch_id, line_no)): `results` never holds them
         all, and plain rows, not ORM objects, keep a million of them quick."""
-        last = -1
-        t: Any = LineError.__table__  # type: ignore[attr-defined]
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(sa_select(t.c.line_no, t.c.custom_id, t.c.reason).where(
-                    t.c.batch_id == batch_id, t.c.line_no > last)
-                    .order_by(t.c.line_no).limit(page)).all()
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1].line_no
+        return self._by_line(LineError.__table__,  # type: ignore[attr-defined]
+                             ("line_no", "custom_id", "reason"), batch_id, page)
 
     def count_line_errors(self, batch_id: str) -> int:
         with self.session() as s:
