@@ -175,6 +175,7 @@ def run_celery_app(url: str, w: Workload, tmp: Path) -> dict[str, Any]:
 
 def run_celery(url: str, w: Workload, tmp: Path, in_process: bool = False) -> dict[str, Any]:
     import subprocess
+    from unittest import mock
 
     import redis
 
@@ -203,16 +204,9 @@ def run_celery(url: str, w: Workload, tmp: Path, in_process: bool = False) -> di
             from batchroute.dispatch import CeleryDispatcher
             from batchroute.ingest import ingest_file
 
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)  # the app's broker, as a deployed application sets it
-            try:
+            # The app's broker and database, as a deployed application's environment sets them.
+            with mock.patch.dict(os.environ, env):
                 config, dispatcher = load_config(cfg), CeleryDispatcher()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             started = time.perf_counter()
             batch_id = ingest_file(config, store, dispatcher, src).batch_id
             submit_s = time.perf_counter() - started

@@ -120,7 +120,9 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
     """Depth-first over ladders (rungs cheapest first) and check settings per rung,
     pruning any prefix already dearer than a policy that meets the target. Without
     ``scorer``, learned-scorer settings are left out."""
-    models, options = prep.models, prep.options
+    models = prep.models
+    options = prep.options if scorer else [[o for o in opts if not o.learned]
+                                           for opts in prep.options]
     top_correct, top_cost = prep.top_correct, prep.top_cost
     n = len(prep.records)
     kind = target.kind
@@ -185,8 +187,6 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
             if len(prefix) + 2 > max_rungs or j == len(models) - 1:
                 continue
             for opt in [*options[j], *agree_options(prefix, j, remaining)]:
-                if not scorer and opt.learned:
-                    continue
                 if opt.collects and len(prefix) + 3 > max_rungs:
                     continue  # no room for the agree rung it collects for
                 step = cost + sum(opt.cost[i] for i in remaining)
