@@ -361,8 +361,11 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any, tmp
         else:  # no metadata in this API: found by size and time
             remote = AnthropicBatchClient(httpx.Client(), base, None).submit(
                 formats.anthropic_create_body(requests))
+        # The row's age is set right before each tick: building the requests and the create
+        # above may take longer than submit_timeout_s on a loaded machine.
+        spb.set_fields(store, row.id, submitting_at=utcnow())
         assert runner.tick(rt).adopted == 0  # within submit_timeout_s: maybe still alive
-        time.sleep(0.6)
+        spb.set_fields(store, row.id, submitting_at=utcnow() - timedelta(seconds=0.6))
         assert runner.tick(rt).adopted == 1
         assert spb.get(store, row.id).remote_id == remote  # type: ignore[union-attr]
         wait_for(lambda: (runner.tick(rt), not runner.pending(rt, batch_id))[1]
