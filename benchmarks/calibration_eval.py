@@ -48,9 +48,9 @@ def agreement_cheap(train: list[Record], models: list[str], reference: str,
 def run_split(name: str, seed: int, target: str, scorer_folds: int,
               data_dir: str | None, test_fraction: float,
               tolerance: float = cal.DEFAULT_TOLERANCE,
-              confidence: float = cal.DEFAULT_CONFIDENCE) -> dict[str, Any]:
+              confidence: float = cal.DEFAULT_CONFIDENCE, fresh: int = 0) -> dict[str, Any]:
     configure_logging("WARNING")
-    dataset = convert_evaldata.dataset(name)(convert_evaldata.data_dir(data_dir))
+    dataset = convert_evaldata.load(name, convert_evaldata.data_dir(data_dir), fresh)
     train, test = convert_evaldata.split(dataset.records, seed, test_fraction)
     config = parse_config(convert_evaldata.routing_config(dataset))
     started = time.perf_counter()
@@ -77,6 +77,14 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
             if base.cost_usd else 0.0,
             "fit_seconds": round(fit_s, 1),
         }
+        many = [r for r in dataset.fresh if r.task == task]
+        if many:  # a simulated world: the expected figures, free of the split's noise
+            pol_f = cal.evaluate(c.policy, many, config)
+            base_f = cal.evaluate(cal.Policy(task, (cal.Rung(ref),)), many, config)
+            row["expected"] = {
+                "queries": len(many),
+                "difference_points": round(100 * (pol_f.accuracy - base_f.accuracy), 3),
+                "saving_pct": round(100 * (1 - pol_f.cost_usd / base_f.cost_usd), 2)}
         if c.cv is not None:
             diff, low = c.cv.paired.get(c.cv.chosen.label(), (0.0, 0.0))
             kept = c.cv.kept
@@ -99,27 +107,35 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
 
 
 def _line(r: dict[str, Any]) -> str:
+    exp = r.get("expected")
+    exp_s = (f" [expected on {exp['queries']:,} fresh queries: "
+             f"{exp['difference_points']:+.2f} points, {exp['saving_pct']:.1f}%]" if exp else "")
     return (f"{r['dataset']} seed={r['seed']}: accuracy {r['accuracy']:.4f} vs "
             f"{r['reference']} {r['reference_accuracy']:.4f} "
             f"({r['difference_points']:+.2f} points), saving {r['saving_pct']:.1f}%, "
-            f"fit {r['fit_seconds']:.0f} s; {r['policy']}")
+            f"fit {r['fit_seconds']:.0f} s;{exp_s} {r['policy']}")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    expected = any("expected" in r for r in rows)
     out = ("| dataset | split | test n | reference (test acc.) | policy test acc. | "
            "difference (points) | saving | out of fold: diff. (lower bound), saving | "
-           "agreement rule: diff., saving | fit s | policy |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|\n")
+           + ("expected on fresh queries: diff., saving | " if expected else "")
+           + "agreement rule: diff., saving | fit s | policy |\n"
+           + "|---" * (12 if expected else 11) + "|\n")
     for r in rows:
         oof = r.get("out_of_fold")
         oof_s = (f"{oof['difference_points']:+.2f} ({oof['lower_bound_points']:+.2f}), "
                  f"{oof['saving_pct']:.1f}%" if oof else "-")
         ag = r.get("agreement_rule")
         ag_s = f"{ag['difference_points']:+.2f}, {ag['saving_pct']:.1f}%" if ag else "-"
+        ex = r.get("expected")
+        ex_s = (f"{ex['difference_points']:+.2f}, {ex['saving_pct']:.1f}% | " if ex
+                else "- | " if expected else "")
         out += (f"| {r['dataset']} | {r['seed']} | {r['test']} | {r['reference']} "
                 f"({r['reference_accuracy']:.4f}) | {r['accuracy']:.4f} "
-                f"| {r['difference_points']:+.2f} | {r['saving_pct']:.1f}% | {oof_s} | {ag_s} "
-                f"| {r['fit_seconds']:.0f} | {r['policy']} |\n")
+                f"| {r['difference_points']:+.2f} | {r['saving_pct']:.1f}% | {oof_s} | {ex_s}"
+                f"{ag_s} | {r['fit_seconds']:.0f} | {r['policy']} |\n")
     return out
 
 
@@ -127,9 +143,18 @@ def summary(rows: list[dict[str, Any]]) -> str:
     worst = min(r["difference_points"] for r in rows)
     held = sum(r["difference_points"] >= -TOLERANCE_POINTS for r in rows)
     goal = sum(r["difference_points"] >= 0 and r["saving_pct"] >= 75 for r in rows)
-    return (f"{len(rows)} splits: within {TOLERANCE_POINTS} points of the reference on "
-            f"{held}; worst {worst:+.2f} points; goal (accuracy >= reference at >= 75% "
-            f"saving) on {goal}.")
+    out = (f"{len(rows)} splits: within {TOLERANCE_POINTS} points of the reference on "
+           f"{held}; worst {worst:+.2f} points; goal (accuracy >= reference at >= 75% "
+           f"saving) on {goal}.")
+    exp = [r["expected"] for r in rows if "expected" in r]
+    if exp:
+        diffs = [e["difference_points"] for e in exp]
+        out += (f" Expected (fresh queries of the simulated world), {len(exp)} policies: "
+                f"difference {min(diffs):+.2f} to {max(diffs):+.2f} points (mean "
+                f"{sum(diffs) / len(diffs):+.2f}), saving {min(e['saving_pct'] for e in exp):.1f}"
+                f"-{max(e['saving_pct'] for e in exp):.1f}%; goal in expectation on "
+                f"{sum(e['difference_points'] >= 0 and e['saving_pct'] >= 75 for e in exp)}.")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=cal.DEFAULT_TOLERANCE)
     ap.add_argument("--confidence", type=float, default=cal.DEFAULT_CONFIDENCE)
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="simulated datasets: also score each policy on N fresh queries "
+                         "of the same world (its expected difference; e.g. 40000)")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(convert_evaldata.DATASETS)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -152,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     scorer_folds = cal.DEFAULT_SCORER_FOLDS if args.scorer else 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_split, n, s, args.target, scorer_folds, args.data_dir,
-                               args.test_fraction, args.tolerance, args.confidence)
+                               args.test_fraction, args.tolerance, args.confidence,
+                               args.fresh)
                    for n, s in jobs]
         rows = [row for f in futures for row in f.result()["rows"]]
     if args.json:

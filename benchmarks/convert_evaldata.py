@@ -83,6 +83,9 @@ class Dataset:
     checks: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    # Simulated datasets only: queries drawn apart from the split, from the same world,
+    # on which a policy's expected difference from the reference can be measured.
+    fresh: list[Record] = field(default_factory=list)
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -309,18 +312,20 @@ def routerarena(root: Path) -> Dataset:
                    notes, str(base))
 
 
-def overruling_simulated(root: Path) -> Dataset:
+def overruling_simulated(root: Path, fresh: int = 0) -> Dataset:
     """Simulated answers with FrugalGPT's recorded OVERRULING accuracies and prices
-    (``simulated_overruling.py``): not real answers, listed apart from the real data."""
+    (``simulated_overruling.py``): not real answers, listed apart from the real data.
+    ``fresh``: that many more queries from the same world, kept apart (Dataset.fresh)."""
     import simulated_overruling as sim
 
-    recs, prices = sim.records(root)
+    recs, prices, extra = sim.records(root, fresh=fresh)
     recs = [replace(r, model="claude-3.5-sonnet") for r in recs]
     checks = [NON_EMPTY, {"type": "choices", "choices": list(sim.LABELS)}]
     return Dataset("overruling-simulated", "overruling", recs, prices, checks,
                    ["SIMULATED answers (item-response model) reproducing FrugalGPT's "
                     "recorded OVERRULING test accuracies and costs per query"],
-                   "frugalgpt/summary/summary_OVERRULING_e5_full_2024.csv")
+                   "frugalgpt/summary/summary_OVERRULING_e5_full_2024.csv",
+                   [replace(r, model="claude-3.5-sonnet") for r in extra])
 
 
 DATASETS: dict[str, Callable[[Path], Dataset]] = {
@@ -333,12 +338,15 @@ DATASETS: dict[str, Callable[[Path], Dataset]] = {
     "routerarena": routerarena,
 }
 # Not real answers: run only when named (calibration_eval.py --only overruling-simulated).
-SIMULATED: dict[str, Callable[[Path], Dataset]] = {"overruling-simulated": overruling_simulated}
+SIMULATED: dict[str, Callable[[Path, int], Dataset]] = {
+    "overruling-simulated": overruling_simulated}
 
 
-def dataset(name: str) -> Callable[[Path], Dataset]:
-    """The loader of a real dataset, or of the simulated one when named."""
-    return {**DATASETS, **SIMULATED}[name]
+def load(name: str, root: Path, fresh: int = 0) -> Dataset:
+    """A dataset by name; a simulated one with ``fresh`` queries of its world apart."""
+    if name in SIMULATED:
+        return SIMULATED[name](root, fresh)
+    return DATASETS[name](root)
 
 
 # ------------------------------------------------------------------------------ output
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     root = data_dir(args.data_dir)
     for name in args.names or list(DATASETS):
-        info = write_dataset(dataset(name)(root), args.out / name, args.seed,
+        info = write_dataset(load(name, root), args.out / name, args.seed,
                              args.test_fraction)
         print(f"{name}: {info['records']} queries ({info['train']} train / {info['test']} "
               f"test), {len(info['models'])} models -> {args.out / name}", file=sys.stderr)

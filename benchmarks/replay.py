@@ -262,7 +262,7 @@ def run_all(out: Path, data_dir: str | None, seeds: list[int], targets: list[str
     root = convert_evaldata.data_dir(data_dir)
     rows = []
     for name in names:
-        dataset = convert_evaldata.dataset(name)(root)
+        dataset = convert_evaldata.load(name, root)
         for seed in seeds:
             folder = out / name / f"seed{seed}"
             info = convert_evaldata.write_dataset(dataset, folder, seed, test_fraction)

@@ -61,40 +61,63 @@ def _solve(target: float, lean: float, queries: list[tuple[int, float]]) -> floa
     return (lo + hi) / 2
 
 
-def records(root: Path, n: int = 2160, seed: int = 16) -> tuple[list[Record],
-                                                                 dict[str, tuple[float, float]]]:
-    """(records, model -> (USD per 1M input tokens, per 1M output tokens))."""
-    rng = random.Random(seed)
-    models = _models(root)
-    prefix = (root / "frugalgpt" / "config" / "prompt" / "OVERRULING" / "prefix_e5.txt"
-              ).read_text("utf-8")
-    queries = []
+def _queries(rng: random.Random, n: int) -> list[tuple[int, float]]:
+    """n queries as (label sign, difficulty)."""
+    out = []
     for _ in range(n):
         s = 1 if rng.random() < 0.4 else -1
         u = rng.random()
         d = (8.0 if u < 0.015 else rng.gauss(2.5, 1.0) if u < 0.10 else rng.gauss(-2.0, 1.0))
-        queries.append((s, d))
-    params = {}
-    for m, (acc, _) in models.items():
-        lean = rng.uniform(-1.0, 1.0)
-        params[m] = (_solve(acc, lean, queries), lean)
-    words = ["court", "holding", "precedent", "we", "disavow", "evidence", "appeal", "ruling",
-             "statute", "the", "defendant", "plaintiff", "decision", "case", "overrule",
-             "affirm", "language", "below", "question", "motion"]
+        out.append((s, d))
+    return out
+
+
+WORDS = ["court", "holding", "precedent", "we", "disavow", "evidence", "appeal", "ruling",
+         "statute", "the", "defendant", "plaintiff", "decision", "case", "overrule",
+         "affirm", "language", "below", "question", "motion"]
+
+
+def _answered(rng: random.Random, queries: list[tuple[int, float]],
+              params: dict[str, tuple[float, float]], prefix: str, tag: str) -> list[Record]:
     recs = []
     for i, (s, d) in enumerate(queries):
         truth = LABELS[0] if s > 0 else LABELS[1]
         other = LABELS[1] if s > 0 else LABELS[0]
-        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20)))
         responses = {}
         for m, (a, lean) in params.items():
             right = rng.random() < _sigmoid(a + lean * s - d)
             responses[m] = Response(PROMPT_TOKENS, (Sample(truth if right else other, 1,
                                                            right),))
         text = f"{prefix}\nContext: {sentence}.\nQuestion: Is it overruling?\nAnswer:"
-        recs.append(Record(id=f"overruling-sim-{i:05d}", task="overruling",
+        recs.append(Record(id=f"{tag}-{i:05d}", task="overruling",
                            messages=[{"role": "user", "content": text}],
                            responses=responses, reference=truth))
+    return recs
+
+
+def records(root: Path, n: int = 2160, seed: int = 16, fresh: int = 0,
+            ) -> tuple[list[Record], dict[str, tuple[float, float]], list[Record]]:
+    """(records, model -> (USD per 1M input tokens, per 1M output tokens), fresh records).
+
+    ``fresh`` more queries are drawn from the same world (the same models' parameters)
+    with a generator of their own, so the first ``n`` do not change: a policy's expected
+    difference from the reference, measured on many fresh queries, is free of the noise
+    of which 1,080 queries a test half happens to hold."""
+    rng = random.Random(seed)
+    models = _models(root)
+    prefix = (root / "frugalgpt" / "config" / "prompt" / "OVERRULING" / "prefix_e5.txt"
+              ).read_text("utf-8")
+    queries = _queries(rng, n)
+    params = {}
+    for m, (acc, _) in models.items():
+        lean = rng.uniform(-1.0, 1.0)
+        params[m] = (_solve(acc, lean, queries), lean)
+    recs = _answered(rng, queries, params, prefix, "overruling-sim")
+    extra: list[Record] = []
+    if fresh:
+        other = random.Random(seed + 1_000_003)
+        extra = _answered(other, _queries(other, fresh), params, prefix, "overruling-fresh")
     # A price per 1M input tokens that makes one query cost the recorded mean; output 0.
     prices = {m: (cost / PROMPT_TOKENS * 1e6, 0.0) for m, (_, cost) in models.items()}
-    return recs, prices
+    return recs, prices, extra
