@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,9 +138,12 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 16,
                  queues: str | None = None) -> None:
+        # The node name as Celery expands it (%h: this host's name), so a control command
+        # can address this worker and return on its reply, not after the whole timeout.
+        self.name = f"test{os.getpid()}.{time.monotonic_ns()}@{socket.gethostname()}"
         cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool", "threads",
                "-c", str(concurrency), "--without-gossip", "--without-mingle", "-l", "WARNING",
-               "-n", f"test{os.getpid()}.{time.monotonic_ns()}@%h"]
+               "-n", self.name]
         if queues:
             cmd += ["-Q", queues]
         self.log_path = log_path

@@ -153,8 +153,8 @@ def test_a_backtracking_pattern_leaves_the_worker_answering_ping(start_worker,
     assert time.monotonic() - started < 30, worker.log()[-2000:]
     env = {**os.environ, "BATCHROUTE_BROKER_URL": redis_url, "PYTHONPATH": str(ROOT)}
     ping = subprocess.run([sys.executable, "-m", "celery", "-A", "workers", "inspect", "ping",
-                           "--timeout", "10"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=90)
+                           "--timeout", "10", "-d", worker.name], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=90)
     assert ping.returncode == 0 and "pong" in ping.stdout, (ping.stdout, ping.stderr)
 
 

@@ -36,6 +36,10 @@ MAX_TOKENS = 20
 TIMEOUT_S = 1.0  # each read; the trickles send a byte every 0.5 s, so it never fires
 DEADLINE_FACTOR = 2.0  # the whole call: 2 s
 RETRY_CAP_S = 0.5  # MAX_RETRY_WAIT_S for this run (300 s in production)
+# MAX_ATTEMPTS_PER_JOB for the in-process run (12 in production): an error on the only
+# model is retried up to the cap either way, and the trickles' 2 s per attempt made the
+# corpus wait ~30 s for the twelfth.
+ATTEMPTS_CAP = 4
 
 OK, SUSPECT, CLAMPED = "ok", "usage_suspect", "cost_clamped"
 MALFORMED, TOO_LARGE, DEADLINE = "malformed_reply", "reply_too_large", "deadline_exceeded"
@@ -174,6 +178,7 @@ def corpus(request: pytest.FixtureRequest, hostile: HostileServer,
         out, err = tmp / "out.jsonl", tmp / "err.jsonl"
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(policy, "MAX_RETRY_WAIT_S", RETRY_CAP_S)
+            mp.setattr(policy, "MAX_ATTEMPTS_PER_JOB", ATTEMPTS_CAP)
             started = time.monotonic()
             res = CliRunner().invoke(
                 main, ["--config", str(cfg), "run", str(src), "-o", str(out), "--errors",
@@ -220,6 +225,7 @@ def test_hostile_reply_outcome(corpus: dict[str, Any], case: str) -> None:
     mine = [x for x in corpus["lines"] if x["custom_id"] == case]
     assert len(mine) == 1, mine
     assert attempts, "no attempt recorded"
+    assert len(attempts) <= ATTEMPTS_CAP, [(a.error_kind, a.reason) for a in attempts]
     first = attempts[0]
     if detail in (SUSPECT, CLAMPED):
         assert first.flags is not None and detail in first.flags.split(",")
