@@ -206,7 +206,9 @@ def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:
         return _to_provider_batch(rt, job, model, body, writes, jlog)
     reserved_max = _max_cost(job, body, model)
     try:  # reserve this call's most expensive outcome under every budget that applies
-        hold = rt.budget.hold(job.batch_id, reserved_max, bool(job.escalations))
+        # Leased for the call's own deadline: a worker killed mid-call gives it back.
+        hold = rt.budget.hold(job.batch_id, reserved_max, bool(job.escalations),
+                              ttl_s=provider.deadline_s)
     except BudgetRefused as e:
         jlog.warning("budget_refused", reason=e.message)
         return _finish_failed(rt, writes, job, "budget_exhausted", e.message, model=model.name,
@@ -282,20 +284,31 @@ def _goes_to_provider_batch(rt: Runtime, job: Job, model: ModelConfig) -> bool:
                            waiting.batch_deadline(rt.store, job.batch_id))
 
 
+# A parked job's budget hold outlives the batch deadline by this much: at the deadline
+# an unfinished provider batch is cancelled, and the provider may take a while to end it
+# before it is collected and the hold settled.
+PARKED_HOLD_MARGIN_S = 2 * 3600.0
+
+
 def _to_provider_batch(rt: Runtime, job: Job, model: ModelConfig, body: dict[str, Any],
                        writes: Writes, jlog: Any) -> str:
     """Park the job for the next provider batch of its pool (batchroute.provider_batch):
     no message is published; the provider-batch tick gathers, submits and collects. The
     budget is reserved now, at the batch price, and settled when the result comes."""
     try:
+        # Leased until the batch's deadline (when an unfinished provider batch is
+        # cancelled and collected) and a margin for that collect.
         hold = rt.budget.hold(job.batch_id, _max_cost(job, body, model)
                               * rt.config.provider_of(model).batch_discount,
-                              bool(job.escalations))
+                              bool(job.escalations),
+                              ttl_s=max(0.0, waiting.batch_deadline(rt.store, job.batch_id)
+                                        - time.time()) + PARKED_HOLD_MARGIN_S)
     except BudgetRefused as e:
         jlog.warning("budget_refused", reason=e.message)
         return _finish_failed(rt, writes, job, "budget_exhausted", e.message,
                               model=model.name, provider=model.provider)
-    options = dict(job.options) | {"budget_hold": [list(p) for p in hold.parts]}
+    options = dict(job.options) | {"budget_hold": {"id": hold.id,
+                                                   "parts": [list(p) for p in hold.parts]}}
     if not rt.store.transition(job.id, job.attempt_no, state=BATCHED, provider_batch_id=None,
                                model=model.name, provider=model.provider, options=options):
         rt.budget.settle(hold, 0.0)

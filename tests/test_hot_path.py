@@ -104,16 +104,16 @@ def test_a_batch_budget_is_read_once_then_trusted_only_to_accept() -> None:
     limit = CountingLimit(1.0)
     guard = BudgetGuard(BudgetConfig(), MemoryBudgets(), limit, lambda _b: 0.0)
     for _ in range(5):
-        guard.settle(guard.hold("b", 0.1, False), 0.1)
+        guard.settle(guard.hold("b", 0.1, False, ttl_s=60), 0.1)
     assert limit.reads == 1  # not one SQL read per attempt
     # Spent 0.5 of 1.0; the operator raises the budget to 10 and resumes. A call the cached
     # budget would refuse re-reads the store first, and goes ahead.
     limit.value = 10.0
-    guard.settle(guard.hold("b", 0.9, False), 0.9)
+    guard.settle(guard.hold("b", 0.9, False, ttl_s=60), 0.9)
     assert limit.reads == 2
     # ... and one the fresh budget refuses is refused, naming the budget.
     with pytest.raises(BudgetRefused, match=r"batch b budget \$10"):
-        guard.hold("b", 9.0, False)
+        guard.hold("b", 9.0, False, ttl_s=60)
 
 
 def test_a_closed_breaker_is_remembered_briefly(redis_url: str) -> None:

@@ -572,3 +572,17 @@ def test_a_failing_step_leaves_the_tick_and_the_run_standing(
                  and rt.dispatcher.join(timeout=0.1), 30, "the batch to finish")  # type: ignore[attr-defined]
         counts = store.state_counts(batch_id)
         assert sum(counts.get(x, 0) for x in FINISHED) == 6, counts
+
+
+def test_a_parked_jobs_hold_is_read_with_its_lease_id_and_from_before_leases() -> None:
+    """Parked jobs keep their budget hold in their options: {"id", "parts"} now, a bare
+    list of parts when parked by a version before holds were leases."""
+    from batchroute.store import Job
+
+    parts = [["batch:b", 1.0, 0.25], ["project", 5.0, 0.25]]
+    now = runner._hold_of(Job(id="j1", batch_id="b", options={
+        "budget_hold": {"id": "abc", "parts": parts}}))
+    assert now.id == "abc" and now.parts == (("batch:b", 1.0, 0.25), ("project", 5.0, 0.25))
+    before = runner._hold_of(Job(id="j2", batch_id="b", options={"budget_hold": parts}))
+    assert before.id == "" and before.parts == now.parts
+    assert runner._hold_of(Job(id="j3", batch_id="b", options={})).parts == ()

@@ -151,6 +151,11 @@ def test_sigkilled_workers_lose_nothing_and_bill_nothing_twice(
         start_worker: Any, sim_config: tuple[Path, SimServer], own_broker: DedicatedRedis,
         tmp_path: Path) -> None:
     cfg, sim = sim_config
+    # A project budget with leases short enough to watch: a call may take 3 s (timeout 3 s
+    # x factor 1), and a hold nobody settles comes back 1 s after that.
+    cfg.write_text(cfg.read_text().replace("timeout_s = 10\n",
+                                           "timeout_s = 3\ndeadline_factor = 1\n")
+                   + "\n[budget]\nproject_usd = 1000\nhold_grace_s = 1\n")
     env = {"BATCHROUTE_CONFIG": str(cfg), "BATCHROUTE_BROKER_URL": own_broker.url,
            **FAST_RECOVERY}
     batch_id, jobs = submit(make_batch(tmp_path / "big.jsonl", 2000))
@@ -195,6 +200,15 @@ def test_sigkilled_workers_lose_nothing_and_bill_nothing_twice(
     # the race varies from run to run, and check_exactly_once holds either way (the
     # sweeper's republish rules are tested in test_recovery.py).
     assert swept["dead_requeued"] > 0 and ledger["lost"] > 0
+    # The killed calls' budget holds were never settled: they lapse, and nothing stays
+    # reserved on the project's counter (before leases, each kill's holds stayed for good).
+    import redis
+
+    from batchroute.budget import RedisBudgets
+
+    budgets = RedisBudgets(redis.Redis.from_url(own_broker.url))
+    wait_for(lambda: budgets.usage("project", lambda: 0.0)[1] < 1e-9, 20,
+             f"the dead holders' reservations to lapse: {budgets.usage('project', lambda: 0.0)}")
     print(f"2000 jobs, 3 SIGKILLs: {elapsed:.1f}s, {ledger['attempts']} attempts, "
           f"{ledger['lost']} lost runs, sweeps {dict(swept)}")
 

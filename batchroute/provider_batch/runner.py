@@ -329,8 +329,12 @@ def _collect(rt: Runtime, pb: ProviderBatch, status: BatchStatus, client: BatchC
 
 
 def _hold_of(job: Job) -> Hold:
-    parts = job.options.get("budget_hold") or []
-    return Hold(tuple((str(k), float(limit), float(amount)) for k, limit, amount in parts))
+    held = job.options.get("budget_hold") or []
+    # {"id", "parts"}; a bare list of parts was written before holds were leases.
+    parts, hold_id = ((held.get("parts") or [], str(held.get("id") or ""))
+                      if isinstance(held, dict) else (held, ""))
+    return Hold(tuple((str(k), float(limit), float(amount)) for k, limit, amount in parts),
+                hold_id)
 
 
 def _drop_hold(options: dict[str, Any]) -> dict[str, Any]:
