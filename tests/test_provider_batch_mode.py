@@ -579,10 +579,12 @@ def test_a_parked_jobs_hold_is_read_with_its_lease_id_and_from_before_leases() -
     list of parts when parked by a version before holds were leases."""
     from batchroute.store import Job
 
+    def job(options: dict[str, Any]) -> Job:
+        return Job(id="j", batch_id="b", custom_id="c", body={}, options=options)
+
     parts = [["batch:b", 1.0, 0.25], ["project", 5.0, 0.25]]
-    now = runner._hold_of(Job(id="j1", batch_id="b", options={
-        "budget_hold": {"id": "abc", "parts": parts}}))
+    now = runner._hold_of(job({"budget_hold": {"id": "abc", "parts": parts}}))
     assert now.id == "abc" and now.parts == (("batch:b", 1.0, 0.25), ("project", 5.0, 0.25))
-    before = runner._hold_of(Job(id="j2", batch_id="b", options={"budget_hold": parts}))
+    before = runner._hold_of(job({"budget_hold": parts}))
     assert before.id == "" and before.parts == now.parts
-    assert runner._hold_of(Job(id="j3", batch_id="b", options={})).parts == ()
+    assert runner._hold_of(job({})).parts == ()
