@@ -140,7 +140,32 @@ class Writes:
     def flush(self) -> None:
         if self.pending:
             moves, self.pending = self.pending, []
-            self.rt.store.transition_many(moves)
+            write_moves(self.rt, moves)
+
+
+def write_moves(rt: Runtime, moves: list[Move]) -> None:
+    """Held moves in one transaction; if that fails, each on its own, so one move the
+    store refuses (or a group write cut by an outage the store's retries outlasted) does
+    not take the others' finished jobs with it. A move that fails alone is logged and
+    left: its job stays running and the sweeper (or the next run) takes it again. The
+    store still unreachable (a transient error after its own retries): the rest are left
+    the same way at once, instead of each waiting out those retries again."""
+    from batchroute.dbretry import is_transient
+
+    try:
+        rt.store.transition_many(moves)
+        return
+    except Exception as e:  # noqa: BLE001 - any failure: the moves are tried one by one
+        log.warning("grouped_write_failed", moves=len(moves), error=repr(e)[:300])
+        if is_transient(e):
+            return
+    for m in moves:
+        try:
+            rt.store.transition(m.job_id, m.from_attempt, m.attempt, **m.values)
+        except Exception as e:  # noqa: BLE001 - logged; the job is reclaimed later
+            log.exception("finish_write_failed", job_id=m.job_id, attempt=m.from_attempt)
+            if is_transient(e):
+                return
 
 
 class SharedWrites(Writes):
@@ -176,7 +201,7 @@ class SharedWrites(Writes):
         with self._lock:
             moves, self.pending = self.pending, []
         if moves:
-            self.rt.store.transition_many(moves)
+            write_moves(self.rt, moves)
 
 
 def run_claimed(rt: Runtime, job: Job, writes: Writes) -> str:

@@ -283,6 +283,47 @@ def test_held_finishes_are_written_together_and_never_left_behind() -> None:
     assert ledger.single == ["j0"] and len(ledger.batches) == 2  # one job: written at once
 
 
+class _RefusingLedger(_Ledger):
+    """A store whose group write fails, and which refuses one job's move on its own."""
+
+    def __init__(self, group_error: Exception, poison: str) -> None:
+        super().__init__()
+        self.group_error, self.poison = group_error, poison
+
+    def transition_many(self, moves: list[Move]) -> None:
+        raise self.group_error
+
+    def transition(self, job_id: str, *_: Any, **__: Any) -> bool:
+        if job_id == self.poison:
+            raise ValueError("a move this store refuses")
+        return super().transition(job_id)
+
+
+def test_a_failed_group_write_writes_each_move_on_its_own() -> None:
+    """One move the store refuses used to take every held finish with it (up to 64 in the
+    embedded runner): now the others are written one by one. A group write cut by an
+    outage (a transient error after the store's own retries) is not retried move by move."""
+    from sqlalchemy import exc as sa_exc
+
+    from batchroute.store import Job
+
+    for shared in (False, True):
+        ledger = _RefusingLedger(sa_exc.IntegrityError("INSERT", {}, Exception("unique")), "j2")
+        rt: Any = type("Rt", (), {"store": ledger})()
+        writes = pipeline.SharedWrites(rt) if shared else pipeline.Writes(rt, defer=True)
+        for i in range(5):
+            writes.finish(Job.model_construct(id=f"j{i}", attempt_no=1), None, state=SUCCEEDED)
+        writes.flush()
+        assert ledger.single == ["j0", "j1", "j3", "j4"] and writes.pending == []
+    gone = sa_exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+    ledger = _RefusingLedger(gone, "none")
+    rt = type("Rt", (), {"store": ledger})()
+    writes = pipeline.Writes(rt, defer=True)
+    writes.finish(Job.model_construct(id="j0", attempt_no=1), None, state=SUCCEEDED)
+    writes.flush()
+    assert ledger.single == []  # left to the sweeper at once, as before
+
+
 def test_shared_writes_group_many_threads_finishes_and_lose_none() -> None:
     """The embedded runner's SharedWrites: finishes from many threads go out in groups
     (at MAX_HELD, after FLUSH_AFTER_S, or on the owner's flush), each move exactly once."""
