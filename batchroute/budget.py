@@ -22,6 +22,7 @@ call cost to `spent`; it never gives the amount back a second time.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import time
 import uuid
@@ -295,7 +296,10 @@ class BudgetGuard:
     def _hold(self, limits: list[tuple[str, str, float]], max_cost: float,
               escalating: bool, ttl_s: float) -> Hold:
         hold_id = uuid.uuid4().hex
-        lease = max(0.0, ttl_s) + self.config.hold_grace_s
+        # Bounded whatever the config says (a timeout of 1e308 s, a NaN grace): a float
+        # Redis can read, at most FOREVER_S.
+        lease = min(FOREVER_S, max(0.0, ttl_s) + max(0.0, self.config.hold_grace_s))
+        lease = lease if math.isfinite(lease) else FOREVER_S
         parts: list[tuple[str, float, float]] = []
         try:
             for key, label, limit in limits:

@@ -145,6 +145,18 @@ def test_an_unsettled_hold_is_given_back_at_its_lease_end_in_redis(redis_url: st
     _lease_cases(backend, advance, "batch:r")
 
 
+@pytest.mark.integration
+def test_a_lease_from_an_extreme_config_is_still_one_redis_can_read(redis_url: str) -> None:
+    import redis
+
+    for ttl, grace in ((float("inf"), 120.0), (float("nan"), float("nan")), (1e308, 1e308)):
+        g = BudgetGuard(BudgetConfig(batch_usd=1.0, hold_grace_s=grace),
+                        RedisBudgets(redis.Redis.from_url(redis_url)), lambda _b: None,
+                        lambda _scope: 0.0)
+        g.settle(g.hold("x", 0.5, escalating=False, ttl_s=ttl), 0.0)
+    assert g.status("x")[0]["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_crashed_holder_does_not_shrink_the_project_budget_for_good() -> None:
     """Before leases, every worker killed mid-call left its hold on the project counter,
     until jobs ended `budget_exhausted` with money left."""
