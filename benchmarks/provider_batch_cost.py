@@ -200,7 +200,7 @@ def batched(src: Path, folder: Path, delay_s: float, max_requests: int,
                 "lost_placeholders": sum(a.outcome == LOST for a in attempts),
                 "provider_batches": len(pbs),
                 "by_status": dict(Counter(pb.remote_status for pb in pbs)),
-                "sent_to_provider": len(server.batches.listing("openai", 100_000)),
+                "sent_to_provider": len(server.batches.all_jobs("openai")),
                 "with_remote_id": sum(1 for pb in pbs if pb.remote_id)}
     finally:
         celery.stop()

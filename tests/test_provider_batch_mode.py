@@ -179,7 +179,7 @@ class Sim:
         self.config = parse_config(self.data)
 
     def batches(self, api: str) -> list[Any]:
-        return self.server.batches.listing(api, 10_000)
+        return self.server.batches.all_jobs(api)
 
     def stop(self) -> None:
         self.server.stop()
@@ -322,6 +322,20 @@ def ingested(s: Sim, store: Store, path: Path,
         rt.close()
 
 
+def _newer_batches(s: Sim, api: str, n: int) -> None:
+    """n ended, empty batches of someone else's, created after every batch so far."""
+    from batchroute.sim.batches import BatchJob
+
+    now = time.time()
+    with s.server.batches.lock:
+        for i in range(n):
+            job = BatchJob(api=api, id=f"{'batch_' if api == 'openai' else 'msgbatch_'}o{i:04d}",
+                           created_at=now + 0.001 * (i + 1), delay_s=0.0, items=[], limit=0,
+                           ended_at=now, ended_as="completed")
+            job.done.set()
+            s.server.batches.jobs[job.id] = job
+
+
 def stranded(store: Store, batch_id: str, row_id: str, since: datetime,
              api: str = "openai") -> ProviderBatch:
     """What a submitter leaves when it dies mid-submission: the row with its jobs, in
@@ -361,6 +375,8 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any, tmp
         else:  # no metadata in this API: found by size and time
             remote = AnthropicBatchClient(httpx.Client(), base, None).submit(
                 formats.anthropic_create_body(requests))
+        # A busy account: 150 batches created since, so ours is on the second list page.
+        _newer_batches(s, kind, 150)
         # The row's age is set right before each tick: building the requests and the create
         # above may take longer than submit_timeout_s on a loaded machine.
         spb.set_fields(store, row.id, submitting_at=utcnow())
@@ -588,3 +604,14 @@ def test_a_parked_jobs_hold_is_read_with_its_lease_id_and_from_before_leases() -
     before = runner._hold_of(job({"budget_hold": parts}))
     assert before.id == "" and before.parts == now.parts
     assert runner._hold_of(job({})).parts == ()
+
+
+def test_a_hostile_timestamp_in_a_batch_listing_is_no_time_at_all() -> None:
+    """The lookup reads created_at from the provider's listing: 1e300, NaN, a year past
+    9999 or a megabyte of text are None, not an exception out of the tick."""
+    cases: tuple[Any, ...] = (1e300, float("nan"), float("inf"), -1e300,
+                              "99999-01-01T00:00:00Z", "x" * 1_000_000, None, [], True)
+    for bad in cases:
+        assert runner._parse_time(bad) is None, bad
+    assert runner._parse_time(0) == datetime(1970, 1, 1, tzinfo=UTC)
+    assert runner._parse_time("2026-12-04T10:00:00Z") == datetime(2026, 12, 4, 10, tzinfo=UTC)

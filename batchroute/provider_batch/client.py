@@ -14,8 +14,10 @@ already happened (the "no double submission" rule of #18 is the pipeline's to ke
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -28,6 +30,9 @@ from batchroute.providers.reply import MalformedReply, decode_json
 
 MAX_STATUS_BYTES = 1024 * 1024  # a batch object is ~1 KB; errors.data is capped by the API
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024 * 1024
+# The lookup of a batch whose submitter died reads at most this many pages of 100: a busy
+# account's newest 5,000 batches (it stops sooner, at the first batch older than ours).
+RECENT_PAGES = 50
 
 #: Provider statuses after which nothing changes any more.
 ENDED = {"completed", "expired", "cancelled", "failed", "ended"}
@@ -94,10 +99,33 @@ class _Http:
 
     def listing(self, path: str) -> list[dict[str, Any]]:
         """The ``data`` of a list endpoint: only its objects that have a string id."""
+        return self.page(path)[0]
+
+    def page(self, path: str) -> tuple[list[dict[str, Any]], bool]:
+        """(the objects with a string id, whether the endpoint says more follow)."""
         data = self._decoded("GET", path)
         items = data.get("data") if isinstance(data, dict) else None
+        more = isinstance(data, dict) and data.get("has_more") is True
         return [d for d in (items if isinstance(items, list) else [])
-                if isinstance(d, dict) and isinstance(d.get("id"), str)]
+                if isinstance(d, dict) and isinstance(d.get("id"), str)], more
+
+    def pages(self, path: str, cursor: str, max_pages: int) -> Iterator[dict[str, Any]]:
+        """Every object of a paged list endpoint, newest first, fetched a page (100) at a
+        time as the caller reads on; ``cursor`` names the API's "older than this id"
+        parameter. At most ``max_pages`` pages, and it stops when a page adds no new id
+        (a provider that ignores the cursor cannot loop it)."""
+        seen: set[str] = set()
+        after = ""
+        for _ in range(max_pages):
+            sep = "&" if "?" in path else "?"
+            query = f"{sep}limit=100" + (f"&{cursor}={quote(after, safe='')}" if after else "")
+            items, more = self.page(path + query)
+            fresh = [d for d in items if d["id"] not in seen]
+            yield from fresh
+            if not more or not fresh:
+                return
+            seen.update(d["id"] for d in fresh)
+            after = fresh[-1]["id"]
 
     def _decoded(self, method: str, path: str, **kwargs: Any) -> Any:
         content = self.send(method, path, MAX_STATUS_BYTES, **kwargs)
@@ -155,10 +183,11 @@ class OpenAIBatchClient:
     def cancel(self, batch_id: str) -> BatchStatus:
         return self._status(self._http.json("POST", f"/batches/{batch_id}/cancel"))
 
-    def recent(self, limit: int = 100) -> list[BatchStatus]:
-        """The most recent batches, newest first (a submitter that died before storing an
-        id looks its batch up here)."""
-        return [self._status(d) for d in self._http.listing(f"/batches?limit={limit}")]
+    def recent(self, max_pages: int = RECENT_PAGES) -> Iterator[BatchStatus]:
+        """The account's batches, newest first, paged as read (a submitter that died
+        before storing an id looks its batch up here; the caller stops reading once the
+        batches are older than the one it looks for)."""
+        return (self._status(d) for d in self._http.pages("/batches", "after", max_pages))
 
     def results(self, status: BatchStatus) -> bytes:
         """Output file then error file, one JSONL (parse with ``parse_openai_results``)."""
@@ -204,10 +233,10 @@ class AnthropicBatchClient:
     def cancel(self, batch_id: str) -> BatchStatus:
         return self._status(self._http.json("POST", f"/messages/batches/{batch_id}/cancel"))
 
-    def recent(self, limit: int = 100) -> list[BatchStatus]:
-        """The most recent batches, newest first (see OpenAIBatchClient.recent)."""
-        return [self._status(d)
-                for d in self._http.listing(f"/messages/batches?limit={limit}")]
+    def recent(self, max_pages: int = RECENT_PAGES) -> Iterator[BatchStatus]:
+        """The account's batches, newest first, paged as read (see OpenAIBatchClient)."""
+        return (self._status(d)
+                for d in self._http.pages("/messages/batches", "after_id", max_pages))
 
     def results(self, status: BatchStatus) -> bytes:
         """The results JSONL (parse with ``parse_anthropic_results``)."""

@@ -56,6 +56,8 @@ log = structlog.get_logger("batchroute.provider_batch")
 
 #: Attempt outcome of an answer the provider billed for a job cancelled meanwhile.
 DISCARDED = "discarded"
+# How far before a dead submission began its lookup reads the provider's batches.
+LOOKUP_SLACK = timedelta(minutes=10)
 
 
 @dataclass
@@ -239,18 +241,22 @@ def _recover_submission(rt: Runtime, pb: ProviderBatch, client: BatchClient,
 
 def _find_remote(client: BatchClient, pb: ProviderBatch, since: datetime,
                  known: set[str]) -> str | None:
+    """The provider's batch this row's dead submitter created, read newest first, page
+    by page, back to LOOKUP_SLACK before the submission began (older: it was never
+    created; the slack allows for a provider clock that runs behind ours)."""
     for status in client.recent():
+        created = _parse_time(status.raw.get("created_at"))
+        if created is not None and created < since - LOOKUP_SLACK:
+            return None
         if status.id in known:
             continue
         meta = status.raw.get("metadata")
         if isinstance(meta, dict) and meta.get("batchroute_id") == pb.id:
             return status.id
-        if client.api == "anthropic":
-            created = _parse_time(status.raw.get("created_at"))
-            total = sum(status.counts.values())
-            if created is not None and created >= since - timedelta(seconds=60) \
-                    and total == pb.jobs:
-                return status.id
+        if client.api == "anthropic" and created is not None \
+                and created >= since - timedelta(seconds=60) \
+                and sum(status.counts.values()) == pb.jobs:
+            return status.id
     return None
 
 
@@ -432,11 +438,13 @@ def _record_discarded(rt: Runtime, job: Job, model: ModelConfig,
 
 
 def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
-    if isinstance(value, str):
-        try:
-            return waiting.aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
-            return None
+    """A reply's timestamp (Unix seconds or ISO 8601), or None for anything else: a
+    hostile 1e300, NaN or "year 99999" must not raise out of the tick."""
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value, UTC)
+        if isinstance(value, str):
+            return waiting.aware(datetime.fromisoformat(value[:64].replace("Z", "+00:00")))
+    except (ValueError, OverflowError, OSError):
+        return None
     return None

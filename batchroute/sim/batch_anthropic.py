@@ -55,7 +55,7 @@ def _error(status: int, message: str) -> Reply:
 
 
 def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
-           headers: dict[str, str]) -> Reply:
+           headers: dict[str, str], query: dict[str, str] | None = None) -> Reply:
     try:
         _PROTOCOL.check_auth(headers)
     except ApiError as e:
@@ -64,8 +64,9 @@ def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
         return _create(registry, body, headers)
     if path == "/v1/messages/batches" and method == "GET":
         base = f"http://{headers.get('host', '127.0.0.1')}"
-        data = [batch_object(registry, job, base) for job in registry.listing("anthropic")]
-        return json_reply(200, {"data": data, "has_more": False,
+        page, more = registry.listing("anthropic", query)
+        data = [batch_object(registry, job, base) for job in page]
+        return json_reply(200, {"data": data, "has_more": more,
                                 "first_id": data[0]["id"] if data else None,
                                 "last_id": data[-1]["id"] if data else None})
     m = _BATCH_PATH.match(path)

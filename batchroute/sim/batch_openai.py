@@ -58,7 +58,7 @@ def _error(status: int, message: str, code: str | None = None,
 
 
 def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
-           headers: dict[str, str]) -> Reply:
+           headers: dict[str, str], query: dict[str, str] | None = None) -> Reply:
     try:
         _PROTOCOL.check_auth(headers)
     except ApiError as e:
@@ -68,8 +68,9 @@ def handle(registry: BatchRegistry, method: str, path: str, body: bytes,
     if path == "/v1/batches" and method == "POST":
         return _create(registry, body)
     if path == "/v1/batches" and method == "GET":
-        data = [batch_object(registry, job) for job in registry.listing("openai")]
-        return json_reply(200, {"object": "list", "data": data, "has_more": False,
+        page, more = registry.listing("openai", query)
+        data = [batch_object(registry, job) for job in page]
+        return json_reply(200, {"object": "list", "data": data, "has_more": more,
                                 "first_id": data[0]["id"] if data else None,
                                 "last_id": data[-1]["id"] if data else None})
     if m := _FILE_PATH.match(path):

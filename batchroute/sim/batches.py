@@ -112,11 +112,28 @@ class BatchRegistry:
             return count
         return processed_limit(count, settings.expire_fraction)
 
-    def listing(self, api: str, limit: int = 100) -> list[BatchJob]:
-        """The API's jobs, newest first (the list endpoints)."""
+    def all_jobs(self, api: str) -> list[BatchJob]:
+        """Every job of the API, newest first (tests and benchmarks look at all of them)."""
         with self.lock:
             jobs = [j for j in self.jobs.values() if j.api == api]
-        return sorted(jobs, key=lambda j: j.created_at, reverse=True)[:limit]
+        return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)
+
+    def listing(self, api: str, query: dict[str, str] | None = None,
+                ) -> tuple[list[BatchJob], bool]:
+        """(a page of the API's jobs, newest first; whether older ones follow), as the list
+        endpoints page: ``limit`` (1-100, default 20 as both APIs), and a cursor,
+        ``after`` (OpenAI) or ``after_id`` (Anthropic): the jobs older than that one."""
+        query = query or {}
+        try:
+            limit = min(100, max(1, int(query.get("limit", "20"))))
+        except ValueError:
+            limit = 20
+        jobs = self.all_jobs(api)  # the id breaks ties between jobs created together
+        cursor = query.get("after") or query.get("after_id")
+        if cursor:
+            ids = [j.id for j in jobs]
+            jobs = jobs[ids.index(cursor) + 1:] if cursor in ids else []
+        return jobs[:limit], len(jobs) > limit
 
     def get_job(self, api: str, job_id: str) -> BatchJob | None:
         with self.lock:
@@ -219,14 +236,14 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 
 
 def route(registry: BatchRegistry, method: str, path: str, body: bytes,
-          headers: dict[str, str]) -> Reply | None:
+          headers: dict[str, str], query: dict[str, str] | None = None) -> Reply | None:
     """The batch endpoints of both APIs, or None when ``path`` is none of them."""
     from batchroute.sim import batch_anthropic, batch_openai
 
     if path.startswith("/v1/messages/batches"):
-        return batch_anthropic.handle(registry, method, path, body, headers)
+        return batch_anthropic.handle(registry, method, path, body, headers, query or {})
     if path.startswith(("/v1/files", "/v1/batches")):
-        return batch_openai.handle(registry, method, path, body, headers)
+        return batch_openai.handle(registry, method, path, body, headers, query or {})
     return None
 
 

@@ -18,7 +18,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import structlog
 
@@ -175,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._control(method, path, body)
         if batches.is_batch_path(path):
             headers = {k.lower(): v for k, v in self.headers.items()}
-            reply = batches.route(self._server.batches, method, path, body, headers)
+            query = dict(parse_qsl(urlsplit(self.path).query))
+            reply = batches.route(self._server.batches, method, path, body, headers, query)
             if reply is not None:
                 return reply
         if path in ("/v1/models", "/models") and method == "GET":
