@@ -16,11 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from batchroute.validators import ValidatorError, build_validators
 
 from .badinput_lines import HOSTILE, body, line, nul, schema_check
 from .conftest import ROOT, wait_for
+from .recording_server import recording_server
 from .test_badinput import CASES
 
 CONFIG = load_config()
@@ -158,33 +157,10 @@ def test_a_backtracking_pattern_leaves_the_worker_answering_ping(start_worker,
     assert ping.returncode == 0 and "pong" in ping.stdout, (ping.stdout, ping.stderr)
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    hits: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        type(self).hits.append(self.path)
-        payload = b'{"type": "string"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def recorder() -> Iterator[tuple[str, list[str]]]:
-    _Recorder.hits = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", _Recorder.hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with recording_server(b'{"type": "string"}') as served:
+        yield served
 
 
 def test_schema_refs_to_http_and_file_are_never_fetched(recorder: tuple[str, list[str]],

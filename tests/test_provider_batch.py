@@ -16,6 +16,8 @@ from batchroute.provider_batch import formats, pricing
 from batchroute.providers.base import ErrorKind, ProviderError
 from batchroute.sim import SimBatch, SimConfig, SimModel, SimServer
 
+from .recording_server import recording_server
+
 
 def _body(i: int) -> dict[str, Any]:
     return {"messages": [{"role": "system", "content": "Be brief."},
@@ -280,9 +282,9 @@ def test_client_reports_a_failed_openai_batch_with_its_line_errors(sim: SimServe
         assert parsed.missing(["same"]) == ["same"]
 
 
-def _many_jobs(server: SimServer, api: str, n: int, start: float) -> list[str]:
-    """n ended batches in the simulator's registry, one a second from ``start``
-    (a busy account's history; only the list endpoints read them)."""
+def ended_batches(server: SimServer, api: str, n: int, start: float) -> list[str]:
+    """n ended, empty batches in the simulator's registry, one a second from ``start``
+    (someone else's history on a busy account; only the list endpoints read them)."""
     from batchroute.sim.batches import BatchJob
 
     ids = []
@@ -303,7 +305,7 @@ def test_recent_pages_through_every_batch_newest_first(sim: SimServer, api: str)
     pages with the API's own cursor (`after` / `after_id`), as the caller reads on."""
     import time
 
-    ids = _many_jobs(sim, api, 250, time.time() - 1000)
+    ids = ended_batches(sim, api, 250, time.time() - 1000)
     with httpx.Client() as http:
         client: Any = (batch_client.OpenAIBatchClient if api == "openai"
                        else batch_client.AnthropicBatchClient)(http, f"{sim.url}/v1", "k",
@@ -318,33 +320,9 @@ def test_recent_pages_through_every_batch_newest_first(sim: SimServer, api: str)
 def test_recent_stops_when_a_provider_ignores_the_cursor() -> None:
     """A gateway that always answers the first page with has_more: true cannot make the
     lookup loop: a page that adds nothing new ends it."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     page = json.dumps({"object": "list", "has_more": True, "data": [
         {"id": f"batch_{i}", "status": "completed"} for i in range(3)]}).encode()
-    asked: list[str] = []
-
-    class SamePage(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            asked.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SamePage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with httpx.Client() as http:
-            client = batch_client.OpenAIBatchClient(
-                http, f"http://127.0.0.1:{server.server_address[1]}/v1", "k", timeout_s=5)
-            assert [s.id for s in client.recent()] == ["batch_0", "batch_1", "batch_2"]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with recording_server(page) as (base, asked), httpx.Client() as http:
+        client = batch_client.OpenAIBatchClient(http, f"{base}/v1", "k", timeout_s=5)
+        assert [s.id for s in client.recent()] == ["batch_0", "batch_1", "batch_2"]
     assert asked == ["/v1/batches?limit=100", "/v1/batches?limit=100&after=batch_2"]

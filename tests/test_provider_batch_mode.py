@@ -46,6 +46,7 @@ from batchroute.store import provider_batches as spb
 
 from .conftest import wait_for
 from .dedicated_redis import own_broker
+from .test_provider_batch import ended_batches
 
 __all__ = ["own_broker"]  # the fixture, imported for use here
 
@@ -322,20 +323,6 @@ def ingested(s: Sim, store: Store, path: Path,
         rt.close()
 
 
-def _newer_batches(s: Sim, api: str, n: int) -> None:
-    """n ended, empty batches of someone else's, created after every batch so far."""
-    from batchroute.sim.batches import BatchJob
-
-    now = time.time()
-    with s.server.batches.lock:
-        for i in range(n):
-            job = BatchJob(api=api, id=f"{'batch_' if api == 'openai' else 'msgbatch_'}o{i:04d}",
-                           created_at=now + 0.001 * (i + 1), delay_s=0.0, items=[], limit=0,
-                           ended_at=now, ended_as="completed")
-            job.done.set()
-            s.server.batches.jobs[job.id] = job
-
-
 def stranded(store: Store, batch_id: str, row_id: str, since: datetime,
              api: str = "openai") -> ProviderBatch:
     """What a submitter leaves when it dies mid-submission: the row with its jobs, in
@@ -376,7 +363,7 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any, tmp
             remote = AnthropicBatchClient(httpx.Client(), base, None).submit(
                 formats.anthropic_create_body(requests))
         # A busy account: 150 batches created since, so ours is on the second list page.
-        _newer_batches(s, kind, 150)
+        ended_batches(s.server, kind, 150, time.time() + 1)
         # The row's age is set right before each tick: building the requests and the create
         # above may take longer than submit_timeout_s on a loaded machine.
         spb.set_fields(store, row.id, submitting_at=utcnow())
