@@ -97,7 +97,7 @@ class MemoryBudgets:
             self._state[key] = [initial(), 0.0]
         s = self._state[key]
         ends = self._ends.get(key)
-        if ends and ends[0][0] <= self._clock():
+        if ends:
             now, holds = self._clock(), self._holds[key]
             while ends and ends[0][0] <= now:
                 amount = holds.pop(heapq.heappop(ends)[1], None)
