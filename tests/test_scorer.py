@@ -99,6 +99,58 @@ def test_json_round_trip_scores_identically(fitted: sc.Scorer, tmp_path: Path) -
     assert loaded.meta is not None and loaded.meta["model"] == "cheap"
 
 
+def labelled(n: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[bool]]:
+    """A Yes/No task whose prompt gives the label away ('disavow' reads Yes, 'miles'
+    reads No), answered by a model that guesses: right exactly when its answer matches
+    the cue. Neither the prompt nor the answer alone says anything about rightness."""
+    rng = random.Random(seed)
+    items, labels = [], []
+    for i in range(n):
+        truth = rng.choice(["Yes", "No"])
+        cue = "disavow" if truth == "Yes" else "miles"
+        words = " ".join(rng.choice(WORDS) for _ in range(6))
+        answer = rng.choice(["Yes", "No"])
+        items.append((f"Context {i}: {words} {cue}. Is it overruling?", answer))
+        labels.append(answer == truth)
+    return items, labels
+
+
+def _auc(scores: list[float], labels: list[bool]) -> float:
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def test_crossed_features_let_a_scorer_learn_a_label_task() -> None:
+    items, labels = labelled(200)
+    held, held_labels = labelled(100, seed=1)
+    plain = sc.fit([sc.features(p, a) for p, a in items], labels)
+    crossed = sc.bagged([sc.fit([sc.features(p, a, cross=True) for p, a in items], labels)],
+                        cross=True)
+    assert _auc([plain.score(p, a) for p, a in held], held_labels) < 0.7
+    assert _auc([crossed.score(p, a) for p, a in held], held_labels) > 0.95
+
+
+def test_crossed_features_only_for_short_answers_and_kept_in_the_file(
+        tmp_path: Path) -> None:
+    long_answer = "def f(x):\n    return x + 1  # a program, not a label" * 2
+    assert sc.features("p q", long_answer, cross=True) == sc.features("p q", long_answer)
+    assert sc.features("p q", "Yes", cross=True) != sc.features("p q", "Yes")
+    items, labels = labelled(60)
+    s = sc.bagged([sc.fit([sc.features(p, a, cross=True) for p, a in items], labels)],
+                  cross=True)
+    s.save(tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["cross"] is True
+    loaded = sc.load(tmp_path / "s.json")
+    assert loaded.cross and loaded.score(*items[0]) == s.score(*items[0])
+    # A file written before crossing existed has no "cross": read as uncrossed.
+    old = s.to_dict()
+    del old["cross"]
+    assert sc.Scorer.from_dict(old).cross is False
+    with pytest.raises(sc.ScorerError, match=r"\.cross"):
+        sc.Scorer.from_dict({**old, "cross": "yes"})
+
+
 def test_one_class_training_gives_a_constant_scorer() -> None:
     s = sc.fit([{1: 1.0}, {2: 1.0}], [True, True])
     assert not s.weights and s.score("anything", "x") > 0.99

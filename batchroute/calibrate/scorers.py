@@ -39,7 +39,8 @@ class ScorerBank:
 
     def __init__(self, folds: int = DEFAULT_SCORER_FOLDS, seed: int = 0,
                  dim: int = scoring.DEFAULT_DIM, c: float = scoring.DEFAULT_C,
-                 keep_shares: Sequence[float] = SCORER_KEEP_SHARES) -> None:
+                 keep_shares: Sequence[float] = SCORER_KEEP_SHARES, cross: bool = True,
+                 ) -> None:
         if folds < 2:
             raise CalibrationError("scorer folds must be >= 2")
         try:
@@ -51,6 +52,7 @@ class ScorerBank:
         self.dim = dim
         self.c = c
         self.keep_shares = tuple(keep_shares)
+        self.cross = cross  # prompt n-grams crossed with short answers (scorer.features)
         self._rows: dict[tuple[str, str], dict[int, float]] = {}
         # Fits depend only on (task, model, which records): calibrating the same training
         # file for another target, with the same seed, reuses them.
@@ -92,7 +94,8 @@ class ScorerBank:
         if row is None:
             prompt = scoring.prompt_text({"messages": record.messages})
             row = scoring.features(prompt, record.responses[model].samples[0].content,
-                                   self.dim, stop=self._stop.get(record.task, frozenset()))
+                                   self.dim, stop=self._stop.get(record.task, frozenset()),
+                                   cross=self.cross)
             self._rows[key] = row
         return row
 
@@ -112,7 +115,7 @@ class ScorerBank:
         full = scoring.bagged(fold_models, meta={
             "model": model, "task": task, "label": "P(answer correct | prompt, answer)",
             "trained_on": len(records), "positives": int(sum(labels))},
-            stop=self._stop.get(task, frozenset()))
+            stop=self._stop.get(task, frozenset()), cross=self.cross)
         self.fits += self.folds
         log.debug("scorer_fitted", task=task, model=model, records=len(records),
                   positives=sum(labels), weights=len(full.weights),
