@@ -72,18 +72,42 @@ def _queries(rng: random.Random, n: int) -> list[tuple[int, float]]:
     return out
 
 
+# Words real OVERRULING sentences turn on (the prefix's examples: "we hereby disavow",
+# "it is expressly overruled", "disapprove deruyter"), and words of ordinary holdings.
+CUES = {"Yes": ["overruled", "overrule", "disavow", "disapprove", "abrogated", "recede",
+                "expressly", "hereby", "overruling", "abandon"],
+        "No": ["testimony", "miles", "ordered", "according", "remedies", "enforcement",
+               "prior", "vehicle", "accident", "jury"]}
+
 WORDS = ["court", "holding", "precedent", "we", "disavow", "evidence", "appeal", "ruling",
          "statute", "the", "defendant", "plaintiff", "decision", "case", "overrule",
          "affirm", "language", "below", "question", "motion"]
 
 
+def _cued(words: list[str], truth: str, other: str, d: float, signal: float,
+          rng: random.Random) -> list[str]:
+    """``words`` with some swapped for cue words: each word, with probability
+    signal * sigmoid(-d) (an easy query reads clearly, a hard one hardly at all), becomes
+    a cue of the true label, one cue in ten misleading (of the other label)."""
+    out = []
+    for w in words:
+        if rng.random() < signal * _sigmoid(-d):
+            w = rng.choice(CUES[truth] if rng.random() < 0.9 else CUES[other])
+        out.append(w)
+    return out
+
+
 def _answered(rng: random.Random, queries: list[tuple[int, float]],
-              params: dict[str, tuple[float, float]], prefix: str, tag: str) -> list[Record]:
+              params: dict[str, tuple[float, float]], prefix: str, tag: str,
+              signal: float = 0.0, text_rng: random.Random | None = None) -> list[Record]:
     recs = []
     for i, (s, d) in enumerate(queries):
         truth = LABELS[0] if s > 0 else LABELS[1]
         other = LABELS[1] if s > 0 else LABELS[0]
-        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20)))
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 20))]
+        if signal and text_rng is not None:  # its own generator: the answers do not change
+            words = _cued(words, truth, other, d, signal, text_rng)
+        sentence = " ".join(words)
         responses = {}
         for m, (a, lean) in params.items():
             right = rng.random() < _sigmoid(a + lean * s - d)
@@ -96,14 +120,22 @@ def _answered(rng: random.Random, queries: list[tuple[int, float]],
     return recs
 
 
-def records(root: Path, n: int = 2160, seed: int = 16, fresh: int = 0,
+WORLD = 16  # the world every table was measured on before worlds could be chosen
+
+
+def records(root: Path, n: int = 2160, seed: int = WORLD, fresh: int = 0, signal: float = 0.0,
             ) -> tuple[list[Record], dict[str, tuple[float, float]], list[Record]]:
     """(records, model -> (USD per 1M input tokens, per 1M output tokens), fresh records).
 
     ``fresh`` more queries are drawn from the same world (the same models' parameters)
     with a generator of their own, so the first ``n`` do not change: a policy's expected
     difference from the reference, measured on many fresh queries, is free of the noise
-    of which 1,080 queries a test half happens to hold."""
+    of which 1,080 queries a test half happens to hold.
+
+    ``signal`` > 0 puts cue words of the true label into the sentences (``_cued``), so a
+    scorer reading the prompt can learn the task, as on the real OVERRULING sentences
+    (issue #16 measured out-of-fold AUC 0.95 on the cheapest rung there). The answers
+    are the same as with ``signal`` 0: only the prompts differ."""
     rng = random.Random(seed)
     models = _models(root)
     prefix = (root / "frugalgpt" / "config" / "prompt" / "OVERRULING" / "prefix_e5.txt"
@@ -113,11 +145,13 @@ def records(root: Path, n: int = 2160, seed: int = 16, fresh: int = 0,
     for m, (acc, _) in models.items():
         lean = rng.uniform(-1.0, 1.0)
         params[m] = (_solve(acc, lean, queries), lean)
-    recs = _answered(rng, queries, params, prefix, "overruling-sim")
+    recs = _answered(rng, queries, params, prefix, "overruling-sim", signal,
+                     random.Random(seed + 7))
     extra: list[Record] = []
     if fresh:
         other = random.Random(seed + 1_000_003)
-        extra = _answered(other, _queries(other, fresh), params, prefix, "overruling-fresh")
+        extra = _answered(other, _queries(other, fresh), params, prefix, "overruling-fresh",
+                          signal, random.Random(seed + 2_000_003))
     # A price per 1M input tokens that makes one query cost the recorded mean; output 0.
     prices = {m: (cost / PROMPT_TOKENS * 1e6, 0.0) for m, (_, cost) in models.items()}
     return recs, prices, extra
