@@ -117,6 +117,41 @@ def test_calibration_finds_answer_conditioned_acceptance() -> None:
     assert result.train.accuracy == 1.0
 
 
+def lossy_first_rung() -> list[Record]:
+    """cheap's "No" answers are its better label, yet on them it loses 2 answers to big
+    and wins 1; mid agreeing with cheap's "Yes" wins 4. So `cheap [answer_in no] -> mid
+    [agree] -> big` beats big in all (81 of 83 against 78) and is the cheapest ladder
+    that does, with a first rung worse than big on what it keeps."""
+    groups = [  # (count, truth, cheap, mid, big)
+        (40, "No", "No", "No", "No"), (2, "Yes", "No", "Yes", "Yes"),
+        (1, "No", "No", "No", "Yes"), (30, "Yes", "Yes", "Yes", "Yes"),
+        (4, "Yes", "Yes", "Yes", "No"), (6, "No", "Yes", "No", "No")]
+    out: list[Record] = []
+    for count, truth, cheap, mid, big in groups:
+        out += [rec(len(out), {"cheap": cheap, "mid": mid, "big": big}, truth)
+                for _ in range(count)]
+    return out
+
+
+def test_no_rung_keeps_answers_worse_than_the_references(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    records = lossy_first_rung()
+    config = make_config()
+    monkeypatch.setattr(cal.types, "RUNG_Z", None)  # without the per-rung check
+    lossy = cal.calibrate(records, config, reference="big").tasks["qa"]
+    assert lossy.policy.rungs[0].checks == ({"type": "answer_in", "labels": ["no"]},)
+    assert lossy.train.correct == 81
+    monkeypatch.setattr(cal.types, "RUNG_Z", 0.5)
+    result = cal.calibrate(records, config, reference="big").tasks["qa"]
+    assert result.met and result.train.correct >= 78
+    assert all(c.get("type") != "answer_in" for r in result.policy.rungs for c in r.checks)
+    assert result.train.cost_usd > lossy.train.cost_usd  # safety is paid for
+    # A relative target may trade accuracy away: the check is only for "best".
+    relative = cal.calibrate(records, config, cal.Target.parse("95%"),
+                             reference="big").tasks["qa"]
+    assert relative.train.cost_usd <= lossy.train.cost_usd
+
+
 def test_reference_is_the_users_and_nothing_dearer_is_used() -> None:
     records = labelled()
     result = cal.calibrate(records, make_config(), reference="mid",

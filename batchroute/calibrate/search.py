@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchroute.calibrate import types
 from batchroute.calibrate.candidates import (
     _answer_in_options,
     _rung_options,
@@ -155,6 +156,23 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
             fallback = c
 
     keys = prep.keys
+    ref_correct = top_correct[models.index(prep.reference)] if prep.reference in models \
+        else top_correct[-1]
+    rung_z = types.RUNG_Z if kind == "best" else None
+
+    def rung_holds(opt: _Option, remaining: list[int]) -> bool:
+        """The rung's kept answers are at least the reference's on the same queries
+        (types.RUNG_Z): wins minus losses clear rung_z standard deviations."""
+        if rung_z is None or opt.collects:
+            return True
+        wins = losses = 0
+        for i in remaining:
+            if opt.accepted[i] and opt.correct[i] != ref_correct[i]:
+                if opt.correct[i]:
+                    wins += 1
+                else:
+                    losses += 1
+        return wins - losses >= rung_z * math.sqrt(wins + losses)
 
     def agree_options(prefix: tuple[tuple[int, _Option | None], ...], j: int,
                       remaining: list[int]) -> list[_Option]:
@@ -194,6 +212,8 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
                     continue
                 if cap is None and best is not None and step > best.cost + _EPS:
                     continue  # already dearer than a policy that meets the target
+                if not rung_holds(opt, remaining):
+                    continue  # keeps answers worse than the reference's: see types.RUNG_Z
                 kept = [i for i in remaining if not opt.accepted[i]]
                 if not kept or (len(kept) == len(remaining) and not opt.collects):
                     continue  # accepts everything (a single model) or nothing (pure cost)
