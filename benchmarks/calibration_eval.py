@@ -49,8 +49,10 @@ def run_split(name: str, seed: int, target: str, scorer_folds: int,
               data_dir: str | None, test_fraction: float,
               tolerance: float = cal.DEFAULT_TOLERANCE,
               confidence: float = cal.DEFAULT_CONFIDENCE, fresh: int = 0,
-              world: int | None = None) -> dict[str, Any]:
+              world: int | None = None, rung_z: str = "default") -> dict[str, Any]:
     configure_logging("WARNING")
+    if rung_z != "default":  # this process only (a pool worker): the per-rung check's z
+        cal.types.RUNG_Z = None if rung_z == "none" else float(rung_z)
     dataset = convert_evaldata.load(name, convert_evaldata.data_dir(data_dir), fresh, world)
     train, test = convert_evaldata.split(dataset.records, seed, test_fraction)
     config = parse_config(convert_evaldata.routing_config(dataset))
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated datasets: comma-separated world seeds, each a new draw "
                          "of the models' leanings, queries and answers (default: the one "
                          "world of the tables, 16)")
+    ap.add_argument("--rung-z", default="default", metavar="Z",
+                    help="the per-rung check's z (calibrate.types.RUNG_Z), or 'none' "
+                         "for none: the baseline it is measured against")
     ap.add_argument("--fresh", type=int, default=0, metavar="N",
                     help="simulated datasets: also score each policy on N fresh queries "
                          "of the same world (its expected difference; e.g. 40000)")
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_split, n, s, args.target, scorer_folds, args.data_dir,
                                args.test_fraction, args.tolerance, args.confidence,
-                               args.fresh, w)
+                               args.fresh, w, args.rung_z)
                    for n, s, w in jobs]
         rows = [row for f in futures for row in f.result()["rows"]]
     if args.json:
