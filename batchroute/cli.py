@@ -484,13 +484,13 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
               help="Folds to choose ladder length and safety margin by cross-validation "
                    "on TRAIN (0: no cross-validation).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the cross-validation folds.")
-@click.option("--scorer/--no-scorer", "use_scorer", default=False, show_default=True,
+@click.option("--scorer/--no-scorer", "use_scorer", default=None,
               help="Also try learned per-query scorers at each cheap rung: a logistic "
                    "regression of P(answer correct | prompt, answer), fitted on TRAIN "
                    "(needs scikit-learn: pip install 'batchroute[calibrate]'). Its weights "
-                   "are written next to OUTPUT, in OUTPUT's name + .scorers/. Off by "
-                   "default: where prompts say little about which answers are right, the "
-                   "extra choices mostly add ways to overfit (benchmarks/README.md).")
+                   "are written next to OUTPUT, in OUTPUT's name + .scorers/. Default: on "
+                   "when scikit-learn is installed; cross-validation keeps a scorer only "
+                   "where it validates (benchmarks/README.md).")
 @click.option("--scorer-folds", default=5, show_default=True,
               help="Inner folds giving the out-of-fold scores scorer thresholds are "
                    "chosen on.")
@@ -515,7 +515,7 @@ def sim(obj: Ctx, host: str, port: int, replay: Path | None) -> None:
 @click.pass_obj
 def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
               max_cost_usd: float | None, max_rungs: int, cv_folds: int, seed: int,
-              use_scorer: bool, scorer_folds: int, reference: str | None,
+              use_scorer: bool | None, scorer_folds: int, reference: str | None,
               free_top: bool, tolerance: float, confidence: float, try_agree: bool,
               try_answer_in: bool, as_json: bool) -> None:
     """Fit the cheapest routing policy that meets a target on TRAIN, a labelled replay file.
@@ -529,8 +529,14 @@ def calibrate(obj: Ctx, train: Path, output: Path, target: str | None,
     """
     from batchroute import calibrate as cal
     from batchroute.replay import ReplayFormatError, load_records
-    from batchroute.scorer import ScorerError
+    from batchroute.scorer import ScorerError, sklearn_available
 
+    if use_scorer is None:
+        use_scorer = sklearn_available()
+        if not use_scorer:
+            click.echo("note: learned scorers not tried: scikit-learn is not installed "
+                       "(pip install 'batchroute[calibrate]', or --no-scorer to silence "
+                       "this)", err=True)
     try:
         records = load_records(train)
         result = cal.calibrate(records, obj.config,

@@ -262,6 +262,15 @@ def _sklearn() -> Any:
     return LogisticRegression
 
 
+def sklearn_available() -> bool:
+    """Whether scorers can be fitted here (scikit-learn installed)."""
+    try:
+        _sklearn()
+    except ScorerError:
+        return False
+    return True
+
+
 def fit(rows: Sequence[Mapping[int, float]], labels: Sequence[bool], dim: int = DEFAULT_DIM,
         prompt_chars: int = DEFAULT_PROMPT_CHARS, c: float = DEFAULT_C,
         meta: Mapping[str, Any] | None = None) -> Scorer:

@@ -218,12 +218,13 @@ def test_calibrate_command_writes_scorer_weights_next_to_the_policy(tmp_path: Pa
     spec = next(s for s in loaded.tasks["qa"].validators if s["type"] == "scorer")
     assert Path(spec["model_file"]) == files[0]
 
-    for flags in (["--no-scorer"], []):  # off unless asked for
-        no = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"), "calibrate",
-                                       str(train), "-o", str(tmp_path / "p2.toml"), "--cv",
-                                       "0", *flags, "--no-answer-in", "--json"])
-        assert no.exit_code == 0, no.output
-        assert json.loads(no.output)["tasks"]["qa"]["policy"]["ladder"] == ["big"]
+    for flags, ladder in ((["--no-scorer"], ["big"]), ([], ["cheap", "big"])):  # on unless
+        run = CliRunner().invoke(main, ["--config", str(tmp_path / "config.toml"),  # refused
+                                        "calibrate", str(train), "-o", str(tmp_path / "p2.toml"),
+                                        "--cv", "0", "--scorer-folds", "3", *flags,
+                                        "--no-answer-in", "--json"])
+        assert run.exit_code == 0, run.output
+        assert json.loads(run.output)["tasks"]["qa"]["policy"]["ladder"] == ladder
 
 
 def test_calibrate_without_scikit_learn_needs_it_only_when_a_scorer_is_asked_for(
@@ -237,7 +238,8 @@ def test_calibrate_without_scikit_learn_needs_it_only_when_a_scorer_is_asked_for
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
     args = ["--config", str(tmp_path / "config.toml"), "calibrate", str(train), "-o",
             str(tmp_path / "p.toml"), "--cv", "0"]
-    quiet = CliRunner().invoke(main, args)
+    quiet = CliRunner().invoke(main, args)  # the default: scorers if they can be fitted
     assert quiet.exit_code == 0, quiet.output
+    assert "scikit-learn is not installed" in quiet.output
     asked = CliRunner().invoke(main, [*args, "--scorer"])
     assert asked.exit_code != 0 and "batchroute[calibrate]" in asked.output
