@@ -217,6 +217,14 @@ def exactly_once(store: Store, batch_id: str, n: int, out: Path) -> None:
         assert nos == list(range(1, len(nos) + 1)), f"{job.id}: attempts {nos}"
 
 
+def settled(rt: Any, batch_id: str) -> bool:
+    """One tick, then: the dispatcher idle and no job parked or waiting for a provider
+    batch. In that order: a job the dispatcher is still concluding is neither, and may
+    escalate into the next provider-batch round (parked again) after a look at pending."""
+    runner.tick(rt)
+    return bool(rt.dispatcher.join(timeout=0.1)) and not runner.pending(rt, batch_id)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
 def test_batch_mode_costs_half_of_the_same_routing_run_synchronously(
@@ -371,8 +379,7 @@ def test_a_submitter_killed_after_create_is_adopted_not_sent_twice(sim: Any, tmp
         spb.set_fields(store, row.id, submitting_at=utcnow() - timedelta(seconds=0.6))
         assert runner.tick(rt).adopted == 1
         assert spb.get(store, row.id).remote_id == remote  # type: ignore[union-attr]
-        wait_for(lambda: (runner.tick(rt), not runner.pending(rt, batch_id))[1]
-                 and rt.dispatcher.join(timeout=0.1), 60, "the batch to finish")  # type: ignore[attr-defined]
+        wait_for(lambda: settled(rt, batch_id), 60, "the batch to finish")
         first_round = [b for b in s.batches(kind) if len(b.items) == 20]
         assert [b.id for b in first_round] == [remote]  # never sent a second time
         counts = store.state_counts(batch_id)
@@ -571,8 +578,7 @@ def test_a_failing_step_leaves_the_tick_and_the_run_standing(
         time.sleep(0.25)
         runner.tick(rt)  # the poll raises: logged, the tick returns
         assert failures and spb.of_batch(store, batch_id)[0].lease_until is None
-        wait_for(lambda: (runner.tick(rt), not runner.pending(rt, batch_id))[1]
-                 and rt.dispatcher.join(timeout=0.1), 30, "the batch to finish")  # type: ignore[attr-defined]
+        wait_for(lambda: settled(rt, batch_id), 30, "the batch to finish")
         counts = store.state_counts(batch_id)
         assert sum(counts.get(x, 0) for x in FINISHED) == 6, counts
 
