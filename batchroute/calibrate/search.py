@@ -156,8 +156,7 @@ def _search(prep: _Prepared, target: Target, max_rungs: int, config: Config,
             fallback = c
 
     keys = prep.keys
-    ref_correct = top_correct[models.index(prep.reference)] if prep.reference in models \
-        else top_correct[-1]
+    ref_correct = top_correct[models.index(prep.reference)]  # _prepare: always in models
     rung_z = types.RUNG_Z if kind == "best" else None
 
     def rung_holds(opt: _Option, remaining: list[int]) -> bool:

@@ -97,12 +97,9 @@ class _Http:
                                 f"{method} {path}: no object with a string id")
         return data
 
-    def listing(self, path: str) -> list[dict[str, Any]]:
-        """The ``data`` of a list endpoint: only its objects that have a string id."""
-        return self.page(path)[0]
-
     def page(self, path: str) -> tuple[list[dict[str, Any]], bool]:
-        """(the objects with a string id, whether the endpoint says more follow)."""
+        """(the ``data`` of a list endpoint: its objects that have a string id, whether
+        the endpoint says more follow)."""
         data = self._decoded("GET", path)
         items = data.get("data") if isinstance(data, dict) else None
         more = isinstance(data, dict) and data.get("has_more") is True
